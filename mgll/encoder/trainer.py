@@ -1,0 +1,194 @@
+"""``mgll train``: contrastive training of an open_clip encoder with accelerate.
+
+Built on ``accelerate.Accelerator`` so ``accelerate launch`` (multi-GPU, multi-node, DeepSpeed
+configs) drives it unchanged. Data are sharded here, not by accelerate: the sampler cuts each
+global batch into per-rank slices, so the global batch, and therefore the loss, is the same on
+any number of processes and after any resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mgll.data import RecordImageDataset, collate_records, load_dataset
+from mgll.encoder.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mgll.encoder.config import RunConfig
+from mgll.encoder.contrastive import ContrastiveModel
+from mgll.encoder.factory import create_encoder, save_encoder
+from mgll.encoder.sampler import GlobalBatchSampler, SeededItems
+from mgll.io import atomic_write_json, atomic_write_text
+
+__all__ = ["train", "build_model", "build_optimizer", "build_scheduler", "mixed_precision"]
+
+
+def mixed_precision(precision: str) -> str:
+    """accelerate's mixed_precision for our setting: bf16 where the device has it, never on CPU by default."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def build_model(cfg: RunConfig, levels) -> tuple[ContrastiveModel, Any, Any, str]:
+    kwargs: dict[str, Any] = {}
+    if cfg.loss.name == "siglip":
+        kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
+    encoder, preprocess_train, preprocess_val, tokenizer, name = create_encoder(
+        cfg.model.name, pretrained=cfg.model.pretrained, **kwargs
+    )
+    if cfg.model.grad_checkpointing:
+        encoder.set_grad_checkpointing(True)
+    weights = {"soft_clip": cfg.loss.soft_clip, "pointwise": cfg.loss.pointwise, "smooth_kl": cfg.loss.smooth_kl}
+    model = ContrastiveModel(encoder, tokenizer, levels, loss=cfg.loss.name, loss_weights=weights, trim_text=cfg.model.trim_text)
+    return model, preprocess_train, preprocess_val, name
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW; gains, biases, embeddings of position and the logit scales get no weight decay (as open_clip)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(p)
+    t = cfg.train
+    return torch.optim.AdamW(
+        [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": t.weight_decay}],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=t.eps,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup, total = cfg.train.warmup_steps, cfg.train.steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop rows logged after the checkpoint so the file has each step once."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None = None, progress: bool = True) -> Path:
+    """Train and return the run folder; ``RUN/encoder`` holds the final encoder.
+
+    ``max_steps_this_run`` stops early after that many steps (for tests of resumption); the
+    schedule is still the one of ``train.steps``.
+    """
+    run_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.precision))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(cfg.train.seed)
+    if accelerator.device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    if not cfg.data.path:
+        raise ValueError("data.path is empty: point it at a dataset folder (card + records.jsonl)")
+    dataset = load_dataset(cfg.data.path)
+    model, preprocess_train, preprocess_val, model_name = build_model(cfg, dataset.card.levels)
+    images = RecordImageDataset(dataset, split=cfg.data.split, transform=preprocess_train if cfg.data.augment else preprocess_val)
+    if len(images) == 0:
+        raise ValueError(f"{cfg.data.path}: no records in split {cfg.data.split!r}; splits: {dataset.splits()}")
+
+    model.to(accelerator.device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    start_step = 0
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            start_step = load_checkpoint(ckpt, model, optimizer, scheduler)
+            if accelerator.is_main_process:
+                _truncate_metrics(metrics_path, start_step)
+                print(f"resumed from {ckpt} (step {start_step})")
+        elif accelerator.is_main_process:
+            print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+    elif accelerator.is_main_process and metrics_path.exists():
+        metrics_path.unlink()
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core: ContrastiveModel = accelerator.unwrap_model(model)
+
+    sampler = GlobalBatchSampler(
+        len(images), cfg.train.batch_size, cfg.train.steps, seed=cfg.train.seed, rank=rank, world_size=world, start_step=start_step
+    )
+    loader = DataLoader(
+        SeededItems(images, seed=cfg.train.seed),
+        batch_sampler=sampler,
+        collate_fn=collate_records,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+    end_step = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start_step + max_steps_this_run)
+    bar = tqdm(total=end_step - start_step, desc=f"train {cfg.loss.name}", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    step = start_step
+    model.train()
+    t_last = time.perf_counter()
+    for batch_images, label_sets in loader:
+        if step >= end_step:
+            break
+        batch_images = batch_images.to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            out = model(batch_images, label_sets)
+        accelerator.backward(out["loss"])
+        if cfg.train.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        core.clamp_logit_scale()
+        step += 1
+
+        terms = {k: float(v.detach()) for k, v in out.items()}
+        if accelerator.is_main_process and (step % cfg.train.log_every == 0 or step == end_step):
+            now = time.perf_counter()
+            row = {"step": step, **terms, "lr": scheduler.get_last_lr()[0], "logit_scale": float(core.logit_scale().detach()), "sec": now - t_last}
+            t_last = now
+            _append_metrics(metrics_path, row)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+        bar.update(1)
+        if step % cfg.train.save_every == 0 or step == end_step:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir, step, core, optimizer, scheduler, keep=cfg.train.keep_checkpoints)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and step == cfg.train.steps:
+        save_encoder(
+            core.encoder,
+            run_dir / "encoder",
+            model_name,
+            extra={"loss": cfg.loss.name, "levels": [{"name": lv.name, "template": lv.template} for lv in dataset.card.levels], "steps": step},
+        )
+        atomic_write_json(run_dir / "summary.json", {"steps": step, "loss": cfg.loss.name, "final": terms, "encoder": str(run_dir / "encoder")})
+    return run_dir

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment at .venv and install mgll into it.
+# torch and torchvision are installed together in one pip call so pip picks a matching pair;
+# a lone install of open_clip/timm could otherwise pull a torch that the torchvision build rejects.
+# EXTRAS selects optional dependency groups (default: dev), e.g. EXTRAS=all bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+if ! .venv/bin/python -c "import torch, torchvision; torchvision.ops.nms" >/dev/null 2>&1; then
+  .venv/bin/python -m pip install torch torchvision
+fi
+.venv/bin/python -m pip install --quiet -e ".[${EXTRAS:-dev}]"
+.venv/bin/python -c "import mgll, torch, torchvision, open_clip; print('mgll environment ready: torch', torch.__version__, '/ torchvision', torchvision.__version__, '/ open_clip', open_clip.__version__)"

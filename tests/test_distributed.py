@@ -1,0 +1,40 @@
+"""Two gloo processes see the global batch: same loss and gradients as one process (<= 1e-5)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HELPERS = Path(__file__).parent / "helpers"
+sys.path.insert(0, str(HELPERS))
+from dist_common import build, global_batch  # noqa: E402
+
+
+def _single_process(loss_name):
+    model = build(loss_name)
+    images, labels = global_batch()
+    out = model(images, labels)
+    out["loss"].backward()
+    return out["loss"].detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_name", ["mgll", "clip", "siglip"])
+def test_two_processes_match_one(tmp_path, loss_name):
+    out = tmp_path / "grads.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(HELPERS / "dist_step.py"), loss_name, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = load_file(str(out))
+    loss, grads = _single_process(loss_name)
+    assert abs(got["loss"].item() - loss.item()) <= 1e-5
+    assert set(grads) == {k[len("grad."):] for k in got if k.startswith("grad.")}
+    worst = max((got[f"grad.{n}"] - g).abs().max().item() for n, g in grads.items())
+    assert worst <= 1e-5, f"largest gradient difference {worst}"
+    assert any(g.abs().max() > 0 for g in grads.values())
