@@ -11,7 +11,9 @@ __all__ = ["main", "build_parser"]
 def _cmd_synth(args: argparse.Namespace) -> int:
     from mgll.data.synthetic import make_synthetic
 
-    ds = make_synthetic(args.out, kind=args.kind, n=args.n, size=args.size, seed=args.seed, workers=args.workers)
+    ds = make_synthetic(
+        args.out, kind=args.kind, n=args.n, size=args.size, seed=args.seed, workers=args.workers, overwrite=args.overwrite
+    )
     print(f"wrote {len(ds.records)} {args.kind} records to {ds.root} (splits: {ds.splits()})")
     return 0
 
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("train", help="train a CLIP / SigLIP / MGLL encoder on a records dataset")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"mgll {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -39,7 +39,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", n_images: int = 600, ste
     t0 = time.perf_counter()
     data_dir = out / "data" / "synthetic-fundus"
     print(f"[1/3] synthetic fundus data: {n_images} images -> {data_dir}")
-    ds = make_synthetic(data_dir, kind="fundus", n=n_images, size=64, seed=seed)
+    ds = make_synthetic(data_dir, kind="fundus", n=n_images, size=64, seed=seed, overwrite=True)
     print(f"      splits {ds.splits()}, levels {list(ds.card.level_names)}")
     runs = {}
     for i, loss in enumerate(("mgll", "clip"), start=2):

@@ -27,7 +27,12 @@ CARD = {
         {"name": "disease", "template": "an eye with {}"},
     ],
 }
-GOOD = {"image": "images/a.png", "split": "train", "patient": "p1", "labels": {"status": ["abnormal"], "disease": ["drusen"]}}
+GOOD = {
+    "image": "images/a.png",
+    "split": "train",
+    "patient": "p1",
+    "labels": {"status": ["abnormal"], "disease": ["drusen"]},
+}
 
 
 def _img(path, size=(12, 10), mode="RGB"):
@@ -70,7 +75,9 @@ def _loc(line, field):
 def test_round_trip(tmp_path):
     card = DatasetCard("toy", (Level("status", "a {} eye"), Level("disease", "an eye with {}")), "d")
     recs = [
-        Record("images/a.png", {"status": ("abnormal",), "disease": ("drusen", "haemorrhage")}, "train", "p1"),
+        Record(
+            "images/a.png", {"status": ("abnormal",), "disease": ("drusen", "haemorrhage")}, "train", "p1"
+        ),
         Record("images/b.png", {"disease": ("none",), "status": ("normal",)}, "test", None),
         Record("images/c.png", {"status": ("normal",), "disease": ("none",)}),
     ]
@@ -94,16 +101,23 @@ def test_round_trip(tmp_path):
 
 def test_write_rejects_bad_records(tmp_path):
     card = DatasetCard("toy", (Level("status", "{}"),))
-    with pytest.raises(RecordError, match=r"records\.jsonl:2: field 'labels\.status'.*a level with no labels"):
+    with pytest.raises(
+        RecordError, match=r"records\.jsonl:2: field 'labels\.status'.*a level with no labels"
+    ):
         write_dataset(tmp_path, card, [Record("a.png", {"status": ("x",)}), Record("b.png", {"status": ()})])
     with pytest.raises(RecordError, match=r"duplicate image"):
-        write_dataset(tmp_path, card, [Record("a.png", {"status": ("x",)}), Record("./a.png", {"status": ("x",)})])
+        write_dataset(
+            tmp_path, card, [Record("a.png", {"status": ("x",)}), Record("./a.png", {"status": ("x",)})]
+        )
     assert not (tmp_path / "records.jsonl").exists()
 
 
 def test_strip_and_dedup_labels_and_blank_lines(tmp_path):
     lines = [
-        _rec(image="images/a.png", labels={"status": [" abnormal "], "disease": ["drusen", " drusen", "haem", "drusen "]}),
+        _rec(
+            image="images/a.png",
+            labels={"status": [" abnormal "], "disease": ["drusen", " drusen", "haem", "drusen "]},
+        ),
         "",
         "   ",
         _rec(),
@@ -121,11 +135,15 @@ def test_yaml_card_and_custom_records_file(tmp_path):
     )
     _img(tmp_path / "img" / "x.png")
     (tmp_path / "meta").mkdir()
-    (tmp_path / "meta" / "recs.jsonl").write_text(json.dumps({"image": "img/x.png", "labels": {"modality": ["CR"], "study": ["chest"]}}))
+    (tmp_path / "meta" / "recs.jsonl").write_text(
+        json.dumps({"image": "img/x.png", "labels": {"modality": ["CR"], "study": ["chest"]}})
+    )
     ds = load_dataset(tmp_path)
     assert ds.card.name == "ytoy" and ds.card.level_names == ("modality", "study")
     assert ds.records[0].split is None and ds.records[0].patient is None
-    (tmp_path / "other.jsonl").write_text(json.dumps({"image": "img/y.png", "labels": {"modality": ["DX"], "study": ["hand"]}}))
+    (tmp_path / "other.jsonl").write_text(
+        json.dumps({"image": "img/y.png", "labels": {"modality": ["DX"], "study": ["hand"]}})
+    )
     ds = load_dataset(tmp_path, records="other.jsonl", check_images=False)
     assert ds.records[0].labels["study"] == ("hand",)
     with pytest.raises(RecordError, match=r"other\.jsonl:1: field 'image'.*does not exist"):
@@ -198,8 +216,14 @@ BAD_CARDS = [
     (_card(name=3), r"dataset\.json: field 'name'"),
     (_card(levels=None), r"dataset\.json: field 'levels'"),
     (_card(levels=[]), r"dataset\.json: field 'levels'"),
-    (_card(levels=[{"name": "a", "template": "no placeholder"}]), r"dataset\.json: field 'levels\[0\]\.template'.*\{\}"),
-    (_card(levels=[{"name": "a", "template": "{}"}, {"name": "a", "template": "x {}"}]), r"dataset\.json: field 'levels\[1\]\.name'.*duplicate level"),
+    (
+        _card(levels=[{"name": "a", "template": "no placeholder"}]),
+        r"dataset\.json: field 'levels\[0\]\.template'.*\{\}",
+    ),
+    (
+        _card(levels=[{"name": "a", "template": "{}"}, {"name": "a", "template": "x {}"}]),
+        r"dataset\.json: field 'levels\[1\]\.name'.*duplicate level",
+    ),
     (_card(levels=[{"template": "{}"}]), r"dataset\.json: field 'levels\[0\]\.name'"),
     (_card(levels=["status"]), r"dataset\.json: field 'levels\[0\]'"),
     (_card(description=5), r"dataset\.json: field 'description'"),
@@ -229,7 +253,11 @@ def test_no_card_and_unknown_level(tmp_path):
 
 
 def test_image_dataset_and_collate(tmp_path):
-    lines = [GOOD, _rec(split="test"), _rec(image="images/c.png", labels={"status": ["normal"], "disease": ["none"]})]
+    lines = [
+        GOOD,
+        _rec(split="test"),
+        _rec(image="images/c.png", labels={"status": ["normal"], "disease": ["none"]}),
+    ]
     ds = load_dataset(_make(tmp_path, lines))
     _img(tmp_path / "images" / "c.png", mode="L")  # grayscale must come back as 3 channels
     full = RecordImageDataset(ds)
@@ -243,7 +271,9 @@ def test_image_dataset_and_collate(tmp_path):
     assert len(train) == 2 and [r.image for r in train.records] == ["images/a.png", "images/c.png"]
 
     seen = []
-    custom = RecordImageDataset(ds, split="test", transform=lambda im: seen.append(im.mode) or torch.zeros(3, 4, 4))
+    custom = RecordImageDataset(
+        ds, split="test", transform=lambda im: seen.append(im.mode) or torch.zeros(3, 4, 4)
+    )
     assert custom[0][0].shape == (3, 4, 4) and seen == ["RGB"]
 
     loader = torch.utils.data.DataLoader(full, batch_size=3, collate_fn=collate_records)

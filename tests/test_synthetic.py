@@ -40,7 +40,11 @@ def xray(tmp_path_factory):
 
 
 def _hashes(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _p(records, cond, given=None):
@@ -104,7 +108,10 @@ def test_severity_changes_explanation(fundus):
     for d in FUNDUS_DISEASES:
         texts = {FUNDUS_EXPLANATIONS[(d, s)] for s in SEVERITIES}
         assert len(texts) == 3
-    assert FUNDUS_EXPLANATIONS[(DR, "severe")] == "severe diabetic retinopathy with many retinal haemorrhages and hard exudates"
+    assert (
+        FUNDUS_EXPLANATIONS[(DR, "severe")]
+        == "severe diabetic retinopathy with many retinal haemorrhages and hard exudates"
+    )
     seen = defaultdict(set)
     for r in fundus.records:
         for d, e in zip(r.labels["disease"], r.labels["explanation"]):
@@ -159,7 +166,13 @@ def test_each_disease_draws_a_visible_sign(disease):
             sick = render_fundus({disease: sev}, 64, (11, k)).astype(float)
             diff = np.abs(sick - healthy)
             changed = (diff.max(-1) > 25).sum()  # local lesions: a few strongly changed pixels
-            assert changed >= 5 or diff.mean() > 2.0, (disease, sev, k, changed, diff.mean())  # or a diffuse change
+            assert changed >= 5 or diff.mean() > 2.0, (
+                disease,
+                sev,
+                k,
+                changed,
+                diff.mean(),
+            )  # or a diffuse change
             d.append(diff.mean())
         diffs.append(np.mean(d))
     assert diffs[0] < diffs[1] < diffs[2], diffs

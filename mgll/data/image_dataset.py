@@ -64,5 +64,7 @@ def collate_records(batch: Sequence[tuple[torch.Tensor, LabelDict]]) -> tuple[to
     images = [b[0] for b in batch]
     shapes = {tuple(t.shape) for t in images}
     if len(shapes) > 1:
-        raise ValueError(f"images in a batch have different shapes {sorted(shapes)}; pass a resizing transform")
+        raise ValueError(
+            f"images in a batch have different shapes {sorted(shapes)}; pass a resizing transform"
+        )
     return torch.stack(images, 0), [b[1] for b in batch]

@@ -82,7 +82,9 @@ class DatasetCard:
             if lv.name == name:
                 return lv
         # RecordError (not KeyError) so a typo in a config reads as a data problem with the fix listed.
-        raise RecordError(f"dataset '{self.name}': unknown level '{name}'; known levels: {list(self.level_names)}")
+        raise RecordError(
+            f"dataset '{self.name}': unknown level '{name}'; known levels: {list(self.level_names)}"
+        )
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
@@ -174,11 +176,19 @@ def _parse_card(obj: Any, path: Path | str) -> DatasetCard:
         lname = lname.strip()
         tmpl = lv.get("template")
         if not isinstance(tmpl, str) or "{}" not in tmpl:
-            raise _err(path, f"level '{lname}': template must be a string containing '{{}}'", field_name=f"{fld}.template")
+            raise _err(
+                path,
+                f"level '{lname}': template must be a string containing '{{}}'",
+                field_name=f"{fld}.template",
+            )
         try:
             tmpl.format("x")
         except (IndexError, KeyError, ValueError) as e:
-            raise _err(path, f"level '{lname}': template is not a valid format string ({e})", field_name=f"{fld}.template") from None
+            raise _err(
+                path,
+                f"level '{lname}': template is not a valid format string ({e})",
+                field_name=f"{fld}.template",
+            ) from None
         if lname in seen:
             raise _err(path, f"duplicate level name '{lname}'", field_name=f"{fld}.name")
         seen.add(lname)
@@ -212,7 +222,12 @@ def _normalise_image(image: str, path: Path | str, line: int) -> str:
         raise _err(path, "empty image path", line, "image")
     unified = image.replace("\\", "/")
     if unified.startswith("/") or _DRIVE.match(unified):
-        raise _err(path, f"image path '{image}' is absolute; it must be relative to the dataset folder", line, "image")
+        raise _err(
+            path,
+            f"image path '{image}' is absolute; it must be relative to the dataset folder",
+            line,
+            "image",
+        )
     if ".." in unified.split("/"):
         raise _err(path, f"image path '{image}' escapes the dataset folder ('..')", line, "image")
     return posixpath.normpath(unified)
@@ -222,7 +237,12 @@ def _parse_labels(raw: Any, card: DatasetCard, path: Path | str, line: int) -> d
     if raw is None:
         raise _err(path, "missing 'labels'", line, "labels")
     if not isinstance(raw, Mapping):
-        raise _err(path, f"'labels' must be an object mapping level -> list of labels, got {type(raw).__name__}", line, "labels")
+        raise _err(
+            path,
+            f"'labels' must be an object mapping level -> list of labels, got {type(raw).__name__}",
+            line,
+            "labels",
+        )
     known = card.level_names
     for k in raw:
         if k not in known:
@@ -234,11 +254,18 @@ def _parse_labels(raw: Any, card: DatasetCard, path: Path | str, line: int) -> d
             raise _err(path, f"a level with no labels: level '{lv}' is missing", line, fld)
         vals = raw[lv]
         if not isinstance(vals, list):
-            raise _err(path, f"non-list labels: expected a list of strings, got {type(vals).__name__} {vals!r}", line, fld)
+            raise _err(
+                path,
+                f"non-list labels: expected a list of strings, got {type(vals).__name__} {vals!r}",
+                line,
+                fld,
+            )
         cleaned: list[str] = []
         for v in vals:
             if not isinstance(v, str) or not v.strip():
-                raise _err(path, f"non-list labels: every label must be a non-empty string, got {v!r}", line, fld)
+                raise _err(
+                    path, f"non-list labels: every label must be a non-empty string, got {v!r}", line, fld
+                )
             s = v.strip()
             if s not in cleaned:
                 cleaned.append(s)
@@ -274,7 +301,9 @@ def _parse_record(obj: Any, card: DatasetCard, path: Path | str, line: int) -> R
     )
 
 
-def load_dataset(root: Path | str, records: str | None = None, check_images: bool = True) -> MultiGranularDataset:
+def load_dataset(
+    root: Path | str, records: str | None = None, check_images: bool = True
+) -> MultiGranularDataset:
     root = Path(root)
     card_path = find_card(root)
     card_obj = _read_card_obj(card_path)
@@ -351,7 +380,9 @@ def write_dataset(root: Path | str, card: DatasetCard, records: Iterable[Record]
         _parse_record(d, card, rec_path, i)
         key = _normalise_image(rec.image, rec_path, i)
         if key in seen:
-            raise _err(rec_path, f"duplicate image entry '{rec.image}' (records {seen[key]} and {i})", i, "image")
+            raise _err(
+                rec_path, f"duplicate image entry '{rec.image}' (records {seen[key]} and {i})", i, "image"
+            )
         seen[key] = i
         lines.append(json.dumps(d, ensure_ascii=False))
     _atomic_write(card_path, json.dumps(card.to_dict(), indent=2, ensure_ascii=False) + "\n")

@@ -56,37 +56,61 @@ SEVERITIES: tuple[str, ...] = ("mild", "moderate", "severe")
 NORMAL_DISEASE = "normal fundus"
 NORMAL_EXPLANATION = "a healthy retina with a clear optic disc and normal vessels"
 
+# One explanation per (disease, severity), mild -> moderate -> severe.
+_EXPLAIN: dict[str, tuple[str, str, str]] = {
+    AMD: (
+        "a few small drusen near the macula, early age-related macular degeneration",
+        "multiple yellow drusen clustered around the macula, intermediate age-related macular degeneration",
+        "extensive confluent drusen with pigment clumping at the macula, advanced age-related macular degeneration",
+    ),
+    CAT: (
+        "a slightly blurred fundus view from a mild cataract",
+        "a hazy washed-out fundus with blurred vessels from a moderate cataract",
+        "a dense cataract with a whitish blur obscuring most retinal detail",
+    ),
+    CSR: (
+        "a small round serous detachment at the macula, mild central serous retinopathy",
+        "a round raised pale blister at the macula from central serous retinopathy",
+        "a large serous macular detachment with a bright rim, severe central serous retinopathy",
+    ),
+    DR: (
+        "a few microaneurysms and dot haemorrhages, mild diabetic retinopathy",
+        "scattered retinal haemorrhages with some hard exudates, moderate diabetic retinopathy",
+        "severe diabetic retinopathy with many retinal haemorrhages and hard exudates",
+    ),
+    GLA: (
+        "a slightly enlarged optic cup, early glaucomatous cupping",
+        "an enlarged pale optic cup with a thinned neuroretinal rim from glaucoma",
+        "a very large pale optic cup with almost no neuroretinal rim, advanced glaucoma",
+    ),
+    HAZE: (
+        "a faint local haze over part of the fundus",
+        "a patch of media haze softening the retinal detail",
+        "dense local media haze obscuring a large part of the retina",
+    ),
+    MYO: (
+        "a small pale crescent beside the optic disc from mild myopia",
+        "a temporal peripapillary crescent beside a large optic disc from myopia",
+        "a wide peripapillary atrophic crescent around an enlarged optic disc, high myopia",
+    ),
+    RP: (
+        "a few dark bone-spicule pigment clumps in the peripheral retina, early retinitis pigmentosa",
+        "bone-spicule pigmentation in the mid-periphery with narrowed vessels, retinitis pigmentosa",
+        "dense peripheral bone-spicule pigment with attenuated vessels and a pale disc, advanced retinitis pigmentosa",
+    ),
+    DME: (
+        "a partial ring of hard exudates near the macula, mild diabetic macular edema",
+        "a ring of hard exudates around the macula from diabetic macular edema",
+        "a dense circinate ring of exudates with macular thickening, severe diabetic macular edema",
+    ),
+    TES: (
+        "faintly visible choroidal vessels giving a mildly tessellated fundus",
+        "a striped tessellated fundus with visible choroidal vessels",
+        "a strongly tessellated fundus with prominent choroidal vessel stripes",
+    ),
+}
 FUNDUS_EXPLANATIONS: dict[tuple[str, str], str] = {
-    (AMD, "mild"): "a few small drusen near the macula, early age-related macular degeneration",
-    (AMD, "moderate"): "multiple yellow drusen clustered around the macula, intermediate age-related macular degeneration",
-    (AMD, "severe"): "extensive confluent drusen with pigment clumping at the macula, advanced age-related macular degeneration",
-    (CAT, "mild"): "a slightly blurred fundus view from a mild cataract",
-    (CAT, "moderate"): "a hazy washed-out fundus with blurred vessels from a moderate cataract",
-    (CAT, "severe"): "a dense cataract with a whitish blur obscuring most retinal detail",
-    (CSR, "mild"): "a small round serous detachment at the macula, mild central serous retinopathy",
-    (CSR, "moderate"): "a round raised pale blister at the macula from central serous retinopathy",
-    (CSR, "severe"): "a large serous macular detachment with a bright rim, severe central serous retinopathy",
-    (DR, "mild"): "a few microaneurysms and dot haemorrhages, mild diabetic retinopathy",
-    (DR, "moderate"): "scattered retinal haemorrhages with some hard exudates, moderate diabetic retinopathy",
-    (DR, "severe"): "severe diabetic retinopathy with many retinal haemorrhages and hard exudates",
-    (GLA, "mild"): "a slightly enlarged optic cup, early glaucomatous cupping",
-    (GLA, "moderate"): "an enlarged pale optic cup with a thinned neuroretinal rim from glaucoma",
-    (GLA, "severe"): "a very large pale optic cup with almost no neuroretinal rim, advanced glaucoma",
-    (HAZE, "mild"): "a faint local haze over part of the fundus",
-    (HAZE, "moderate"): "a patch of media haze softening the retinal detail",
-    (HAZE, "severe"): "dense local media haze obscuring a large part of the retina",
-    (MYO, "mild"): "a small pale crescent beside the optic disc from mild myopia",
-    (MYO, "moderate"): "a temporal peripapillary crescent beside a large optic disc from myopia",
-    (MYO, "severe"): "a wide peripapillary atrophic crescent around an enlarged optic disc, high myopia",
-    (RP, "mild"): "a few dark bone-spicule pigment clumps in the peripheral retina, early retinitis pigmentosa",
-    (RP, "moderate"): "bone-spicule pigmentation in the mid-periphery with narrowed vessels, retinitis pigmentosa",
-    (RP, "severe"): "dense peripheral bone-spicule pigment with attenuated vessels and a pale disc, advanced retinitis pigmentosa",
-    (DME, "mild"): "a partial ring of hard exudates near the macula, mild diabetic macular edema",
-    (DME, "moderate"): "a ring of hard exudates around the macula from diabetic macular edema",
-    (DME, "severe"): "a dense circinate ring of exudates with macular thickening, severe diabetic macular edema",
-    (TES, "mild"): "faintly visible choroidal vessels giving a mildly tessellated fundus",
-    (TES, "moderate"): "a striped tessellated fundus with visible choroidal vessels",
-    (TES, "severe"): "a strongly tessellated fundus with prominent choroidal vessel stripes",
+    (d, sev): texts[i] for d, texts in _EXPLAIN.items() for i, sev in enumerate(SEVERITIES)
 }
 
 # Clinical-ish priors: which disease a sick eye presents with, and what tends to come along with it.
@@ -180,7 +204,9 @@ def _segments(xx, yy, a: np.ndarray, b: np.ndarray, halfw: np.ndarray, px: float
     p = np.stack([xx.ravel(), yy.ravel()], 1)  # (N, 2)
     ab = b - a  # (M, 2)
     denom = np.maximum((ab**2).sum(1), 1e-12)
-    t = ((p[None, :, 0] - a[:, None, 0]) * ab[:, None, 0] + (p[None, :, 1] - a[:, None, 1]) * ab[:, None, 1]) / denom[:, None]
+    t = (
+        (p[None, :, 0] - a[:, None, 0]) * ab[:, None, 0] + (p[None, :, 1] - a[:, None, 1]) * ab[:, None, 1]
+    ) / denom[:, None]
     t = np.clip(t, 0.0, 1.0)
     dx = p[None, :, 0] - (a[:, None, 0] + t * ab[:, None, 0])
     dy = p[None, :, 1] - (a[:, None, 1] + t * ab[:, None, 1])
@@ -311,7 +337,9 @@ def render_fundus(diseases: dict[str, int], size: int, seed: Sequence[int]) -> n
     # background: orange-red with vignetting and low-frequency choroidal mottling
     base = np.array([0.82, 0.36, 0.14]) * pigment
     vign = 1.0 - 0.45 * np.clip(r, 0, 1) ** 2
-    mott = 1.0 + 0.04 * np.sin(rng.uniform(2, 5) * xx + rng.uniform(0, 6)) * np.sin(rng.uniform(2, 5) * yy + rng.uniform(0, 6))
+    mott = 1.0 + 0.04 * np.sin(rng.uniform(2, 5) * xx + rng.uniform(0, 6)) * np.sin(
+        rng.uniform(2, 5) * yy + rng.uniform(0, 6)
+    )
     img = base[None, None, :] * (vign * mott)[..., None]
 
     if TES in s:  # striped choroidal vessels, strongest away from the posterior pole
@@ -374,7 +402,9 @@ def render_fundus(diseases: dict[str, int], size: int, seed: Sequence[int]) -> n
         img = _blend(img, _dots(xx, yy, cx, cy, rr, px).max(0), (0.32, 0.02, 0.02), 0.95)
         ne = (2, 6, 12)[s[DR]]
         cx, cy = _random_points_in_annulus(les, ne, macula[0], macula[1], 0.08, 0.45)
-        img = _blend(img, _dots(xx, yy, cx, cy, les.uniform(0.02, 0.034, ne), px).max(0), (1.0, 0.92, 0.45), 0.95)
+        img = _blend(
+            img, _dots(xx, yy, cx, cy, les.uniform(0.02, 0.034, ne), px).max(0), (1.0, 0.92, 0.45), 0.95
+        )
         if s[DR] == 2:  # cotton-wool spots
             cx, cy = _random_points_in_annulus(les, 3, 0.0, 0.0, 0.15, 0.6)
             img = _blend(img, _dots(xx, yy, cx, cy, np.full(3, 0.05), px * 2).max(0), (0.95, 0.9, 0.85), 0.7)
@@ -385,7 +415,9 @@ def render_fundus(diseases: dict[str, int], size: int, seed: Sequence[int]) -> n
         ang = start + np.sort(les.uniform(0, arc, n))
         rad = les.uniform(0.15, 0.2) + les.normal(0, 0.015, n)
         cx, cy = macula[0] + rad * np.cos(ang), macula[1] + rad * np.sin(ang)
-        img = _blend(img, _dots(xx, yy, cx, cy, les.uniform(0.024, 0.036, n), px).max(0), (1.0, 0.95, 0.5), 0.97)
+        img = _blend(
+            img, _dots(xx, yy, cx, cy, les.uniform(0.024, 0.036, n), px).max(0), (1.0, 0.95, 0.5), 0.97
+        )
         if s[DME] == 2:
             img = _blend(img, np.exp(-((dm / 0.12) ** 2)), (0.95, 0.8, 0.45), 0.35)
     if CSR in s:
@@ -492,7 +524,9 @@ def _chest(xx, yy, px, view, rng):
         return d
     ap = view != "pa view"
     d += 0.42 * _ellipse(xx, yy, 0.0, 0.15, 0.9, 1.1, 0.0, px)
-    lungs = _ellipse(xx, yy, -0.37, -0.05, 0.28, 0.56, 0.05, px) + _ellipse(xx, yy, 0.37, -0.05, 0.28, 0.56, -0.05, px)
+    lungs = _ellipse(xx, yy, -0.37, -0.05, 0.28, 0.56, 0.05, px) + _ellipse(
+        xx, yy, 0.37, -0.05, 0.28, 0.56, -0.05, px
+    )
     d -= 0.3 * lungs
     hw = rng.uniform(0.3, 0.36) if ap else rng.uniform(0.23, 0.27)  # AP magnifies the heart
     d += 0.26 * _ellipse(xx, yy, 0.1, 0.32, hw, 0.22, -0.2, px)
@@ -524,7 +558,9 @@ def _abdomen(xx, yy, px, view, rng):
     gx = rng.uniform(-0.6, 0.6, n) * (0.55 if lateral else 1.0) - (0.1 if lateral else 0.0)
     gy = rng.uniform(-0.6, 0.6, n)
     for x, y in zip(gx, gy):
-        d -= 0.22 * _ellipse(xx, yy, x, y, rng.uniform(0.05, 0.12), rng.uniform(0.04, 0.08), rng.uniform(0, np.pi), px)
+        d -= 0.22 * _ellipse(
+            xx, yy, x, y, rng.uniform(0.05, 0.12), rng.uniform(0.04, 0.08), rng.uniform(0, np.pi), px
+        )
     return d
 
 
@@ -545,7 +581,9 @@ def _knee(xx, yy, px, view, rng):
     d += 0.42 * _capsule(xx, yy, 0.0, -1.2, 0.0, -0.2, 0.17, px)
     d -= 0.1 * _capsule(xx, yy, 0.0, -1.2, 0.0, -0.35, 0.08, px)  # medullary canal
     d += 0.4 * _ellipse(xx, yy, -0.13, -0.1, 0.14, 0.1, 0.0, px)
-    d += 0.4 * _ellipse(xx, yy, 0.13, -0.1 + (0.04 if oblique else 0.0), 0.14 * (0.8 if oblique else 1.0), 0.1, 0.0, px)
+    d += 0.4 * _ellipse(
+        xx, yy, 0.13, -0.1 + (0.04 if oblique else 0.0), 0.14 * (0.8 if oblique else 1.0), 0.1, 0.0, px
+    )
     d += 0.42 * _ellipse(xx, yy, 0.0, 0.07, 0.3, 0.06, 0.0, px)  # tibial plateau
     d += 0.42 * _capsule(xx, yy, 0.0, 0.1, 0.0, 1.2, 0.15, px)
     d -= 0.1 * _capsule(xx, yy, 0.0, 0.3, 0.0, 1.2, 0.07, px)
@@ -644,8 +682,8 @@ def render_xray(modality: str, study: str, series: str, size: int, seed: Sequenc
         img = img + 0.05 * grain / (grain.std() + 1e-9)
         img = img + rng.normal(0, 0.02, (size, 1))  # plate read-out lines
     else:
-        img = 1.0 - np.exp(-4.0 * dens)
-        img = img / (1.0 - np.exp(-4.0 * 0.9))
+        img = 1.0 - np.exp(-2.8 * dens)
+        img = img / (1.0 - np.exp(-2.8))
         img = np.clip(img, 0, 1) ** 1.3
         img = img + rng.normal(0, 0.012, img.shape)
     if series == "portable ap view":

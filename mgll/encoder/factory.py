@@ -20,7 +20,7 @@ import torch
 from open_clip.model import get_model_preprocess_cfg
 from safetensors.torch import save_file
 
-from mgll.io import atomic_write_json, atomic_path
+from mgll.io import atomic_path, atomic_write_json
 
 __all__ = [
     "MODEL_CONFIG_DIR",

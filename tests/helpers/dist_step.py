@@ -4,7 +4,6 @@ gradients to the file given as argv[2] (safetensors)."""
 
 import sys
 
-import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 

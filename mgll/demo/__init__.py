@@ -1,0 +1,1 @@
+"""Gradio demo comparing a base MLLM with its MGLL-swapped twin (issue: demo)."""

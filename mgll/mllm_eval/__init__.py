@@ -1,0 +1,1 @@
+"""Multiple-choice fundus QA benchmark harness for MLLMs (issue: MCQ benchmark)."""
