@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -33,7 +34,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"model.name={args.model}")
     cfg = load_config(args.config, overrides)
     run = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"run folder: {run}\nencoder: {run / 'encoder'}  (open_clip: create_model_and_transforms('local-dir:{run / 'encoder'}'))")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {run}\nencoder: {run / 'encoder'}  (open_clip: create_model_and_transforms('local-dir:{run / 'encoder'}'))")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from mgll.encoder.factory import create_encoder, save_encoder
 from mgll.encoder.sampler import GlobalBatchSampler, SeededItems
 from mgll.io import atomic_write_json, atomic_write_text
 
-__all__ = ["train", "build_model", "build_optimizer", "build_scheduler", "mixed_precision"]
+__all__ = ["train", "make_accelerator", "build_model", "build_optimizer", "build_scheduler", "mixed_precision"]
 
 
 def mixed_precision(precision: str) -> str:
@@ -37,6 +38,13 @@ def mixed_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def make_accelerator(precision: str = "auto") -> Accelerator:
+    """accelerate's Accelerator; under torchrun on a machine with no GPU it must be told to use
+    CPU processes (gloo), or each process silently trains alone on its slice of the batch."""
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision(precision), cpu=multi_process and not torch.cuda.is_available())
 
 
 def build_model(cfg: RunConfig, levels) -> tuple[ContrastiveModel, Any, Any, str]:
@@ -102,7 +110,7 @@ def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None =
     schedule is still the one of ``train.steps``.
     """
     run_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.precision))
+    accelerator = make_accelerator(cfg.train.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.train.seed)
     if accelerator.device.type == "cpu":

@@ -4,8 +4,9 @@ gradients to the file given as argv[2] (safetensors)."""
 
 import sys
 
-from accelerate import Accelerator
 from safetensors.torch import save_file
+
+from mgll.encoder.trainer import make_accelerator
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from dist_common import GLOBAL_BATCH, build, global_batch  # noqa: E402
@@ -13,7 +14,7 @@ from dist_common import GLOBAL_BATCH, build, global_batch  # noqa: E402
 
 def main():
     loss_name, out = sys.argv[1], sys.argv[2]
-    acc = Accelerator()
+    acc = make_accelerator()
     model = build(loss_name)
     images, labels = global_batch()
     local = GLOBAL_BATCH // acc.num_processes
