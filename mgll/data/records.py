@@ -9,10 +9,8 @@ and the field, instead of surfacing later as a confusing shape or key error insi
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mgll.io import atomic_write_text
 
 CARD_NAMES = ("dataset.json", "dataset.yaml", "dataset.yml")
 DEFAULT_RECORDS = "records.jsonl"
@@ -346,23 +346,6 @@ def load_dataset(
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Temp file in the same folder + os.replace, so a crash never leaves a half-written card or records file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_dataset(root: Path | str, card: DatasetCard, records: Iterable[Record]) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -385,6 +368,6 @@ def write_dataset(root: Path | str, card: DatasetCard, records: Iterable[Record]
             )
         seen[key] = i
         lines.append(json.dumps(d, ensure_ascii=False))
-    _atomic_write(card_path, json.dumps(card.to_dict(), indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(rec_path, "".join(line + "\n" for line in lines))
+    atomic_write_text(card_path, json.dumps(card.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(rec_path, "".join(line + "\n" for line in lines))
     return root

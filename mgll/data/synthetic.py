@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mgll.io import atomic_path
+
 from .records import DatasetCard, Level, MultiGranularDataset, Record, load_dataset, write_dataset
 
 __all__ = [
@@ -721,11 +723,11 @@ def _plan_xray(n: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
 def _render_task(task: tuple) -> None:
     kind, index, spec, size, seed, path = task
     if kind == "fundus":
-        arr = render_fundus(spec["diseases"], size, (seed, index))
-        Image.fromarray(arr, "RGB").save(path, format="PNG")
+        image = Image.fromarray(render_fundus(spec["diseases"], size, (seed, index)), "RGB")
     else:
-        arr = render_xray(spec["modality"], spec["study"], spec["series"], size, (seed, index))
-        Image.fromarray(arr, "L").save(path, format="PNG")
+        image = Image.fromarray(render_xray(spec["modality"], spec["study"], spec["series"], size, (seed, index)), "L")
+    with atomic_path(path) as tmp:  # a killed run never leaves a truncated PNG behind
+        image.save(tmp, format="PNG")
 
 
 def _assign_splits(patients: list[str], splits: Sequence[float], rng: np.random.Generator) -> dict[str, str]:
