@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_quickstart)
+
+    from mgll.data.builders_cli import register as register_builders
+
+    register_builders(sub)
     return parser
 
 
