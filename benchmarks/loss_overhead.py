@@ -57,12 +57,12 @@ from mgll.encoder.trainer import build_optimizer  # noqa: E402
 
 LOSSES = ("clip", "mgll")
 TIME_CONFIGS = {
-    "tiny": {"model": "mgll-tiny-vit", "batch": 32, "repeats": 30, "warmup": 3},
-    "vitb32": {"model": "ViT-B-32", "batch": 16, "repeats": 8, "warmup": 2},
+    "tiny": {"model": "mgll-tiny-vit", "batch": 32, "repeats": 30, "warmup": 3, "breakdown": 10},
+    "vitb32": {"model": "ViT-B-32", "batch": 16, "repeats": 8, "warmup": 2, "breakdown": 4},
 }
 QUICK_TIME_CONFIGS = {
-    "tiny": {"model": "mgll-tiny-vit", "batch": 32, "repeats": 4, "warmup": 1},
-    "vitb32": {"model": "ViT-B-32", "batch": 4, "repeats": 1, "warmup": 1},
+    "tiny": {"model": "mgll-tiny-vit", "batch": 32, "repeats": 4, "warmup": 1, "breakdown": 2},
+    "vitb32": {"model": "ViT-B-32", "batch": 4, "repeats": 1, "warmup": 1, "breakdown": 1},
 }
 MEM_MODEL, MEM_BATCH, QUICK_MEM_BATCH = "ViT-B-32", 32, 4
 N_BATCHES = 4  # fixed batches cycled through the timed steps
@@ -128,16 +128,21 @@ def text_stats(levels, tokenizer, label_sets, loss: str) -> dict:
     }
 
 
+def clock() -> float:
+    """Process CPU seconds (all threads): on a shared machine it moves far less with other load than wall time."""
+    return time.process_time()
+
+
 def median_time(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -195,11 +200,11 @@ def breakdown(model: ContrastiveModel, optimizer, images, label_sets, device, re
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
-        return time.perf_counter() - t0
+        return clock() - t0
 
     out["adamw_step"] = statistics.median(opt_step() for _ in range(max(1, repeats // 2)))
     return out
@@ -221,22 +226,25 @@ def time_config(name: str, spec: dict, data_dir: Path, device: torch.device, see
     image_px = int(batches[0][0].shape[-1])
 
     times: dict[str, list[float]] = {loss: [] for loss in LOSSES}
+    cpu_times: dict[str, list[float]] = {loss: [] for loss in LOSSES}
     losses_seen: dict[str, list[float]] = {loss: [] for loss in LOSSES}
     t_start = time.perf_counter()
     for i in range(spec["warmup"] + spec["repeats"]):
         images, label_sets = batches[i % N_BATCHES]
         for loss in LOSSES:  # interleaved: clip, mgll, clip, mgll, ...
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), clock()
             value = train_step(models[loss], optims[loss], images, label_sets, grad_clip)
             sync(device)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, clock() - c0
             if i >= spec["warmup"]:
                 times[loss].append(dt)
+                cpu_times[loss].append(dc)
                 losses_seen[loss].append(value)
     loop_s = time.perf_counter() - t_start
 
     med = {loss: statistics.median(times[loss]) for loss in LOSSES}
+    med_cpu = {loss: statistics.median(cpu_times[loss]) for loss in LOSSES}
     stats = {loss: [text_stats(levels, tokenizer, labels, loss) for _, labels in batches] for loss in LOSSES}
     texts = {
         loss: {
@@ -263,13 +271,17 @@ def time_config(name: str, spec: dict, data_dir: Path, device: torch.device, see
         "max_s": {loss: max(times[loss]) for loss in LOSSES},
         "all_s": times,
         "ratio_mgll_over_clip": med["mgll"] / med["clip"],
+        "median_cpu_s": med_cpu,
+        "all_cpu_s": cpu_times,
+        "ratio_cpu_mgll_over_clip": med_cpu["mgll"] / med_cpu["clip"],
         "texts": texts,
         "breakdown_s": parts,
         "final_loss": {loss: losses_seen[loss][-1] for loss in LOSSES},
         "loop_wall_s": loop_s,
     }
     print(
-        f"[time] {name}: clip {med['clip']:.4f}s  mgll {med['mgll']:.4f}s  ratio {result['ratio_mgll_over_clip']:.3f}",
+        f"[time] {name}: clip {med['clip']:.4f}s  mgll {med['mgll']:.4f}s  ratio {result['ratio_mgll_over_clip']:.3f}"
+        f"  (CPU-time ratio {result['ratio_cpu_mgll_over_clip']:.3f})",
         flush=True,
     )
     del models, optims, encoder
@@ -468,14 +480,24 @@ def write_markdown(path: Path, results: dict) -> None:
         "(as the trainer) + AdamW step + zero_grad + logit-scale clamp, fp32; steps interleaved",
         "clip, mgll, clip, mgll after the warmup rounds; medians over the timed steps.",
         "",
-        "| config | model | batch | px | timed steps / loss | clip s/step | mgll s/step | ratio mgll/clip |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | model | batch | px | timed steps / loss | clip s/step | mgll s/step | ratio mgll/clip "
+        "| clip min-max s | mgll min-max s | clip CPU s/step | mgll CPU s/step | CPU-time ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in t.items():
         lines.append(
             f"| {name} | {r['model']} | {r['batch']} | {r['image_px']} | {r['repeats']} | "
-            f"{r['median_s']['clip']:.4f} | {r['median_s']['mgll']:.4f} | {r['ratio_mgll_over_clip']:.3f} |"
+            f"{r['median_s']['clip']:.4f} | {r['median_s']['mgll']:.4f} | {r['ratio_mgll_over_clip']:.3f} | "
+            f"{r['min_s']['clip']:.3f}-{r['max_s']['clip']:.3f} | {r['min_s']['mgll']:.3f}-{r['max_s']['mgll']:.3f} | "
+            f"{r['median_cpu_s']['clip']:.3f} | {r['median_cpu_s']['mgll']:.3f} | {r['ratio_cpu_mgll_over_clip']:.3f} |"
         )
+    lines += [
+        "",
+        "s/step = median wall seconds (the ratio the headline uses); CPU s/step = median process CPU seconds",
+        f"(all {info['torch_threads']} threads summed), which moves far less when other jobs share the machine. "
+        f"Load average (1 min) at start {results['loadavg_start']:.2f}, at end {results['loadavg_end']:.2f} "
+        f"on {info['cpus_usable']} CPUs.",
+    ]
     lines += [
         "",
         "Texts encoded per step (distinct strings of the batch, each encoded once) and the token length",
@@ -493,8 +515,9 @@ def write_markdown(path: Path, results: dict) -> None:
             )
     lines += [
         "",
-        "Where the time goes: each part timed on its own on the first batch (median ms; tower and loss parts",
-        "are forward + backward; the loss math runs on random unit features of the right shapes):",
+        "Where the time goes: each part timed on its own on the first batch (median CPU ms; tower and loss",
+        "parts are forward + backward; the loss math runs on random unit features of the right shapes; the",
+        "last column is the median CPU ms of the whole step from the interleaved loop):",
         "",
         "| config | loss | label sets -> texts | tokenize | text tower | loss math | image tower | AdamW step | full step |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -505,7 +528,7 @@ def write_markdown(path: Path, results: dict) -> None:
             lines.append(
                 f"| {name} | {loss} | {_ms(b['label_sets_to_texts'])} | {_ms(b['tokenize'])} | "
                 f"{_ms(b['text_tower_fwd_bwd'])} | {_ms(b['loss_math_fwd_bwd'])} | {_ms(b['image_tower_fwd_bwd'])} | "
-                f"{_ms(b['adamw_step'])} | {_ms(r['median_s'][loss])} |"
+                f"{_ms(b['adamw_step'])} | {_ms(r['median_cpu_s'][loss])} |"
             )
     lines += ["", *results.get("analysis_time", [])]
     if m:
@@ -570,7 +593,7 @@ def analyse(results: dict) -> None:
         biggest = max(parts, key=lambda k: abs(parts[k]))
         out.append(
             f"- {name}: mgll - clip = {1000 * diff:+.1f} ms/step ({100 * (r['ratio_mgll_over_clip'] - 1):+.1f} %). "
-            f"Per-part differences mgll - clip (ms): "
+            f"(CPU time {100 * (r['ratio_cpu_mgll_over_clip'] - 1):+.1f} %). Per-part CPU differences mgll - clip (ms): "
             + ", ".join(f"{k} {1000 * v:+.1f}" for k, v in parts.items())
             + f"; the largest is {biggest}. Texts per step: clip {statistics.mean(x['clip']['distinct_texts_per_step']):.1f} at "
             f"length {statistics.mean(x['clip']['trimmed_len_per_step']):.1f}, mgll "
@@ -641,15 +664,17 @@ def main(argv=None) -> int:
             "quick": args.quick,
             "machine": machine_info(device),
             "time": {},
+            "loadavg_start": os.getloadavg()[0],
         }
         for name in names:
             results["time"][name] = time_config(
-                name, specs[name], data_dir, device, args.seed, breakdown_repeats=3 if args.quick else 10
+                name, specs[name], data_dir, device, args.seed, breakdown_repeats=specs[name]["breakdown"]
             )
         if mem_losses:
             rows = measure_memory(data_dir, mem_batch, mem_losses, args.device, args.seed)
             results["memory"] = {"model": MEM_MODEL, "batch": mem_batch, "rows": rows, "summary": memory_summary(rows)}
     results["wall_s"] = time.perf_counter() - t_all
+    results["loadavg_end"] = os.getloadavg()[0]
     if results["time"]:
         analyse(results)
         head = results["time"].get("vitb32") or next(iter(results["time"].values()))

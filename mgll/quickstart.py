@@ -1,7 +1,8 @@
 """``mgll quickstart``: the whole encoder pipeline offline on CPU in a few minutes.
 
 Synthetic fundus data, then a tiny MGLL encoder and a tiny CLIP encoder trained with the same
-budget, seed and data order, so the two checkpoints differ only by the objective.
+budget, seed and data order, so the two checkpoints differ only by the objective; finally both are
+linear-probed on the test split's disease level (multi-label) and compared side by side.
 """
 
 from __future__ import annotations
@@ -31,26 +32,58 @@ def quickstart_config(data: Path, out: Path, loss: str, steps: int, seed: int):
     )
 
 
-def run_quickstart(out: str | Path = "runs/quickstart", n_images: int = 600, steps: int = 300, seed: int = 0, progress: bool = True) -> dict:
+def run_quickstart(
+    out: str | Path = "runs/quickstart",
+    n_images: int = 600,
+    steps: int = 300,
+    seed: int = 0,
+    progress: bool = True,
+    probe_bootstrap: int = 200,
+) -> dict:
     from mgll.data.synthetic import make_synthetic
+    from mgll.encoder.compare import compare_runs
+    from mgll.encoder.probe import run_probe
     from mgll.encoder.trainer import train
 
     out = Path(out)
     t0 = time.perf_counter()
     data_dir = out / "data" / "synthetic-fundus"
-    print(f"[1/3] synthetic fundus data: {n_images} images -> {data_dir}")
+    print(f"[1/4] synthetic fundus data: {n_images} images -> {data_dir}")
     ds = make_synthetic(data_dir, kind="fundus", n=n_images, size=64, seed=seed, overwrite=True)
     print(f"      splits {ds.splits()}, levels {list(ds.card.level_names)}")
     runs = {}
     for i, loss in enumerate(("mgll", "clip"), start=2):
         run_dir = out / f"encoder-{loss}"
-        print(f"[{i}/3] training a tiny {loss.upper()} encoder ({steps} steps, batch 32) -> {run_dir}")
+        print(f"[{i}/4] training a tiny {loss.upper()} encoder ({steps} steps, batch 32) -> {run_dir}")
         train(quickstart_config(data_dir, run_dir, loss, steps, seed), progress=progress)
         runs[loss] = run_dir
+    print(f"[4/4] linear probe of both encoders: disease level (multi-label), test split, {probe_bootstrap} bootstrap replicates")
+    probes = {}
+    for loss in ("clip", "mgll"):  # CLIP first: the comparison's deltas read "MGLL minus CLIP"
+        probes[loss] = out / f"probe-{loss}"
+        run_probe(
+            runs[loss], ds, "disease", bootstrap=probe_bootstrap, seed=seed, out=probes[loss],
+            cache_dir=out / "feature-cache", progress=progress,
+        )
+    cmp = compare_runs(
+        [probes["clip"], probes["mgll"]], out / "compare", labels=["CLIP", "MGLL"],
+        title="Linear probe, synthetic fundus disease (multi-label)",
+    )
+    print()
+    print(cmp["markdown"])
     minutes = (time.perf_counter() - t0) / 60
     print(f"\nquickstart done in {minutes:.1f} min")
     print(f"  data:           {data_dir}")
     for loss, run_dir in runs.items():
         print(f"  {loss.upper():5s} encoder:  {run_dir / 'encoder'}   (metrics: {run_dir / 'metrics.jsonl'})")
+    print(f"  probe reports:  {probes['clip'] / 'metrics.md'}, {probes['mgll'] / 'metrics.md'}")
+    print(f"  comparison:     {cmp['md']}")
+    print(f"  figure:         {cmp['png']}")
     print("  load one with open_clip:  open_clip.create_model_and_transforms('local-dir:" + str(runs["mgll"] / "encoder") + "')")
-    return {"data": data_dir, **{f"encoder_{k}": v / "encoder" for k, v in runs.items()}}
+    return {
+        "data": data_dir,
+        **{f"encoder_{k}": v / "encoder" for k, v in runs.items()},
+        **{f"probe_{k}": v for k, v in probes.items()},
+        "comparison": cmp["md"],
+        "figure": cmp["png"],
+    }

@@ -13,6 +13,17 @@ def test_quickstart_writes_data_and_both_encoders(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert str(out / "encoder-mgll" / "encoder") in printed and str(out / "encoder-clip" / "encoder") in printed
     assert (out / "data" / "synthetic-fundus" / "records.jsonl").is_file()
+    # stage 4: both encoders probed on the disease level (multi-label) and compared, CLIP first
+    assert "| metric / class AUC | CLIP | MGLL | Δ MGLL − CLIP |" in printed
+    assert "| **macro AUC** |" in printed and "| normal fundus (n_pos" in printed
+    cmp = json.loads((out / "compare" / "metrics.json").read_text())
+    assert cmp["labels"] == ["CLIP", "MGLL"]
+    assert len(cmp["evaluations"]["fraction 1"]["per_class_auc"]) == 11  # 10 diseases + normal fundus
+    for loss in ("clip", "mgll"):
+        probe = json.loads((out / f"probe-{loss}" / "metrics.json").read_text())
+        assert probe["task"]["kind"] == "multilabel" and probe["task"]["level"] == "disease"
+    png = out / "compare" / "compare.png"
+    assert str(png) in printed and png.read_bytes()[:4] == b"\x89PNG"
     for loss in ("mgll", "clip"):
         enc = out / f"encoder-{loss}" / "encoder"
         assert json.loads((enc / "mgll_config.json").read_text())["loss"] == loss
