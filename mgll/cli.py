@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mgll.data.builders_cli import register as register_builders
 
     register_builders(sub)
+
+    from mgll.encoder.eval_cli_b import register as register_zeroshot_finetune
+
+    register_zeroshot_finetune(sub)
     return parser
 
 
