@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mgll.encoder.eval_cli_b import register as register_zeroshot_finetune
 
     register_zeroshot_finetune(sub)
+
+    from mgll.adapters.cli import register as register_adapters
+
+    register_adapters(sub)
     return parser
 
 

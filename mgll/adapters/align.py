@@ -1,0 +1,365 @@
+"""Projector alignment (stage 1) and LoRA / QLoRA tuning (stage 2) of a swapped MLLM on caption pairs.
+
+A freshly swapped tower speaks a language the LM has never seen; stage 1 (LLaVA's "feature
+alignment") trains only the projector to map MGLL patch features into the LM's embedding space,
+on captions written from the dataset's label levels. Stage 2 adds LoRA adapters on the LM only,
+optionally over a 4-bit (nf4) LM (QLoRA) with the tower and projector kept in float.
+
+Checkpoints keep the projector (safetensors) and the LoRA adapter (peft folder) apart, so either
+can be attached to the swapped model alone; every checkpoint folder is written atomically and
+a resumed run sees exactly the batches the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from mgll.adapters.hosts import get_host
+from mgll.adapters.swap import load_projector, read_swap_spec, save_projector
+from mgll.io import atomic_path, atomic_write_json, atomic_write_text
+
+__all__ = ["AlignConfig", "align", "record_caption", "CaptionPairs", "load_aligned", "latest_align_checkpoint"]
+
+PROJECTOR_FILE = "projector.safetensors"
+ADAPTER_DIR = "adapter"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class AlignConfig:
+    model: str  # a folder written by `mgll swap`
+    data: str  # a records dataset
+    out: str
+    stage: int = 1
+    split: str | None = "train"
+    levels: list[str] | None = None  # caption levels, all by default
+    prompt: str = "\n"  # text between the image tokens and the caption
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    qlora: bool = False
+    train_tower: bool = False
+    projector: str | None = None  # stage-1 projector.safetensors to start from
+    precision: str = "fp32"
+    num_workers: int = 0
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def record_caption(card, labels: dict[str, tuple[str, ...]], levels: list[str] | None = None) -> str:
+    """``"status: abnormal. disease: drusen, cataract."``: one clause per level, coarse to fine."""
+    names = list(levels) if levels else list(card.level_names)
+    unknown = [n for n in names if n not in card.level_names]
+    if unknown:
+        raise ValueError(f"caption levels {unknown} not in the dataset card (levels: {', '.join(card.level_names)})")
+    parts = [f"{n}: {', '.join(labels[n])}." for n in names if labels.get(n)]
+    return " ".join(parts)
+
+
+class CaptionPairs(Dataset):
+    """(PIL image, caption) per record; unreadable images are skipped and listed in ``skipped``."""
+
+    def __init__(self, ds, split: str | None, levels: list[str] | None):
+        recs = ds.records if split is None else ds.split(split)
+        self.items: list[tuple[Path, str]] = []
+        self.skipped: list[str] = []
+        for rec in recs:
+            path = Path(ds.image_path(rec))
+            caption = record_caption(ds.card, rec.labels, levels)
+            if not path.is_file():
+                self.skipped.append(f"{rec.image} (line {rec.line}): image file missing")
+            elif not caption:
+                self.skipped.append(f"{rec.image} (line {rec.line}): no labels at the caption levels")
+            else:
+                self.items.append((path, caption))
+        if not self.items:
+            raise ValueError(f"{ds.root}: no usable records in split {split!r} ({len(self.skipped)} skipped)")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, caption = self.items[i]
+        with Image.open(path) as im:
+            return im.convert("RGB"), caption
+
+
+class StepSampler(Sampler[int]):
+    """Indices for steps ``start..steps``: epoch ``e`` is a fixed permutation seeded by ``seed + e``.
+
+    The order depends only on (seed, step), so a resumed run draws the same batches.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, steps: int):
+        self.n, self.bs, self.seed, self.start, self.steps = n, batch_size, seed, start, steps
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start) * self.bs
+
+    def __iter__(self):
+        perms: dict[int, list[int]] = {}
+        for pos in range(self.start * self.bs, self.steps * self.bs):
+            e, k = divmod(pos, self.n)
+            if e not in perms:
+                perms = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e)).tolist()}
+            yield perms[e][k]
+
+
+def _collate(batch):
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def latest_align_checkpoint(out: str | os.PathLike) -> Path | None:
+    ckpts = sorted(Path(out, "checkpoints").glob("step-*"))
+    ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def _load_model(cfg: AlignConfig, host, device):
+    kw: dict[str, Any] = {}
+    if cfg.qlora:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=host.unquantised_modules(),
+        )
+        kw["device_map"] = {"": device}
+    model = host.model_class().from_pretrained(cfg.model, **kw)
+    host.check_fit(model)
+    return model
+
+
+def _wrap_lora(cfg: AlignConfig, host, model):
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=host.lora_target_modules(),
+        bias="none",
+    )
+    return get_peft_model(model, lcfg)
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _save_checkpoint(path: Path, cfg: AlignConfig, host, model, optimizer, scheduler, step: int, losses: list[float]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        save_projector(_base(model), cfg_host(cfg), tmp / PROJECTOR_FILE)
+        if cfg.stage == 2:
+            model.save_pretrained(tmp / ADAPTER_DIR)
+        if cfg.train_tower:
+            from safetensors.torch import save_file
+
+            tower = host.tower(_base(model))
+            save_file({k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}, str(tmp / "tower.safetensors"))
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "losses": losses,
+                "torch_rng": torch.get_rng_state(),
+            },
+            tmp / STATE_FILE,
+        )
+        atomic_write_json(tmp / "state.json", {"step": step, "stage": cfg.stage, "last_loss": losses[-1] if losses else None})
+
+
+def cfg_host(cfg: AlignConfig) -> str:
+    return read_swap_spec(cfg.model)["host"]
+
+
+def _restore(path: Path, cfg: AlignConfig, host, model, optimizer, scheduler) -> tuple[int, list[float]]:
+    load_projector(_base(model), cfg_host(cfg), path / PROJECTOR_FILE)
+    if cfg.stage == 2:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        adapter = path / ADAPTER_DIR / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise FileNotFoundError(f"{adapter}: missing; cannot resume stage 2 from {path}")
+        set_peft_model_state_dict(model, load_file(str(adapter)))
+    if cfg.train_tower and (path / "tower.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        host.tower(_base(model)).load_state_dict(load_file(str(path / "tower.safetensors")))
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), list(state["losses"])
+
+
+def align(cfg: AlignConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run stage ``cfg.stage`` and write ``out/projector.safetensors`` (+ ``out/adapter/`` in stage 2)."""
+    from accelerate.utils import set_seed
+    from transformers import AutoProcessor, get_cosine_schedule_with_warmup
+
+    from mgll.data import load_dataset
+    from mgll.encoder.trainer import make_accelerator
+
+    if cfg.stage not in (1, 2):
+        raise ValueError(f"stage={cfg.stage}: expected 1 (projector) or 2 (projector + LoRA)")
+    if cfg.qlora and cfg.stage != 2:
+        raise ValueError("qlora=True needs stage=2 (a 4-bit LM is only tuned through LoRA)")
+    out = Path(cfg.out)
+    ckpt = latest_align_checkpoint(out) if resume else None
+    if not resume and (out / "summary.json").exists():
+        raise FileExistsError(f"{out}: already holds a finished alignment run; use resume or another --out")
+    spec = read_swap_spec(cfg.model)
+    host = get_host(spec["host"])
+    accelerator = make_accelerator(cfg.precision)
+    set_seed(cfg.seed)
+
+    ds = load_dataset(cfg.data)
+    pairs = CaptionPairs(ds, cfg.split, cfg.levels)
+    processor = AutoProcessor.from_pretrained(cfg.model)
+    model = _load_model(cfg, host, accelerator.device)
+    if cfg.projector:
+        load_projector(model, spec["host"], cfg.projector)
+    host.set_trainable(model, 1, cfg.train_tower)
+    if cfg.stage == 2:
+        model = _wrap_lora(cfg, host, model)
+        for path in host.trainable_paths(2, cfg.train_tower):  # peft froze everything but LoRA
+            mod = host.tower(_base(model)) if path == host.tower_path else host.projector(_base(model))
+            mod.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(cfg.steps, 1))
+    start, losses = 0, []
+    if ckpt is not None:
+        start, losses = _restore(ckpt, cfg, host, model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    base = _base(accelerator.unwrap_model(model))
+
+    loader = DataLoader(
+        pairs,
+        batch_size=cfg.batch_size,
+        sampler=StepSampler(len(pairs), cfg.batch_size, cfg.seed, start, cfg.steps),
+        num_workers=cfg.num_workers,
+        collate_fn=_collate,
+    )
+    model.train()
+    if not cfg.train_tower:
+        host.tower(base).eval()
+    metrics_path = out / "metrics.jsonl"
+    metrics = metrics_path.read_text(encoding="utf-8").splitlines() if (ckpt is not None and metrics_path.is_file()) else []
+    metrics = [m for m in metrics if m and json.loads(m)["step"] <= start]
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or not accelerator.is_main_process, desc=f"align stage {cfg.stage}")
+    step = start
+    for images, captions in loader:
+        batch = host.build_batch(base, processor, images, [cfg.prompt] * len(captions), captions)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(host.tower(base).dtype)
+        with accelerator.autocast():
+            loss = model(**batch).loss
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"step {step}: loss is {loss.item()}")
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(float(loss.item()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if accelerator.is_main_process and (step % max(cfg.log_every, 1) == 0 or step == cfg.steps):
+            metrics.append(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}))
+            atomic_write_text(metrics_path, "\n".join(metrics) + "\n")
+        if accelerator.is_main_process and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            _save_checkpoint(out / "checkpoints" / f"step-{step:07d}", cfg, host, accelerator.unwrap_model(model), optimizer, scheduler, step, losses)
+            _prune(out, cfg.keep_checkpoints)
+    bar.close()
+    if accelerator.is_main_process:
+        _finish(out, cfg, spec, host, accelerator.unwrap_model(model), optimizer, scheduler, step, losses, pairs)
+    return out
+
+
+def _prune(out: Path, keep: int) -> None:
+    ckpts = sorted(Path(out, "checkpoints").glob("step-*"))
+    for old in ckpts[: max(0, len(ckpts) - max(keep, 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish(out: Path, cfg, spec, host, model, optimizer, scheduler, step, losses, pairs) -> None:
+    _save_checkpoint(out / "checkpoints" / f"step-{step:07d}", cfg, host, model, optimizer, scheduler, step, losses)
+    _prune(out, cfg.keep_checkpoints)
+    save_projector(_base(model), spec["host"], out / PROJECTOR_FILE)
+    if cfg.stage == 2:
+        with atomic_path(out / ADAPTER_DIR) as tmp:
+            model.save_pretrained(tmp)
+    if cfg.train_tower:
+        shutil.copyfile(out / "checkpoints" / f"step-{step:07d}" / "tower.safetensors", out / ".tower.tmp")
+        os.replace(out / ".tower.tmp", out / "tower.safetensors")
+    k = max(1, min(5, len(losses) // 4 or 1))
+    summary = {
+        "stage": cfg.stage,
+        "qlora": cfg.qlora,
+        "host": spec["host"],
+        "steps": step,
+        "pairs": len(pairs),
+        "skipped": pairs.skipped,
+        "loss_first": sum(losses[:k]) / k if losses else None,
+        "loss_last": sum(losses[-k:]) / k if losses else None,
+        "config": asdict(cfg),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    rows = [
+        "| stage | LM | steps | pairs | skipped | loss (first) | loss (last) |",
+        "|---|---|---|---|---|---|---|",
+        f"| {cfg.stage} | {'4-bit nf4 + LoRA' if cfg.qlora else ('LoRA' if cfg.stage == 2 else 'frozen')} | {step} | "
+        f"{len(pairs)} | {len(pairs.skipped)} | {summary['loss_first']:.4f} | {summary['loss_last']:.4f} |",
+    ]
+    atomic_write_text(out / "summary.md", "\n".join(rows) + "\n")
+
+
+def load_aligned(swap_dir: str | os.PathLike, align_dir: str | os.PathLike, **from_pretrained_kwargs: Any):
+    """The swapped model with an alignment run's projector (and LoRA adapter, if stage 2) attached."""
+    from mgll.adapters.swap import load_swapped
+
+    model, processor = load_swapped(swap_dir, **from_pretrained_kwargs)
+    spec = read_swap_spec(swap_dir)
+    load_projector(model, spec["host"], Path(align_dir) / PROJECTOR_FILE)
+    tower = Path(align_dir) / "tower.safetensors"
+    if tower.is_file():  # written by --train-tower runs
+        from safetensors.torch import load_file
+
+        get_host(spec["host"]).tower(model).load_state_dict(load_file(str(tower)))
+    adapter = Path(align_dir) / ADAPTER_DIR
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model, processor

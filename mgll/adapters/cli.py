@@ -1,0 +1,121 @@
+"""``mgll export-hf``, ``mgll swap`` and ``mgll align``; wired into ``mgll/cli.py`` with ``register(sub)``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["register"]
+
+_DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from mgll.adapters.export_hf import export_hf
+
+    out = export_hf(args.run, args.out, pretrained=args.pretrained, with_projection=not args.no_projection)
+    print(f"wrote CLIPVisionModel folder {out} (load: transformers.CLIPVisionModel.from_pretrained('{out}'))")
+    return 0
+
+
+def _cmd_swap(args: argparse.Namespace) -> int:
+    import torch
+
+    from mgll.adapters.swap import read_swap_spec, swap
+
+    dtype = _DTYPES[args.dtype]
+    out = swap(
+        args.host,
+        args.mllm,
+        args.encoder,
+        args.out,
+        projector_init=args.projector_init,
+        projector_weights=args.projector,
+        pretrained=args.pretrained,
+        dtype=getattr(torch, dtype) if dtype else None,
+        seed=args.seed,
+    )
+    tower = read_swap_spec(out)["tower"]
+    print(f"wrote swapped {args.host} model to {out}: tower width {tower['hidden_size']}, {tower['num_image_tokens']} image tokens")
+    return 0
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    from mgll.adapters.align import AlignConfig, align
+
+    cfg = AlignConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        stage=args.stage,
+        split=None if args.split == "all" else args.split,
+        levels=args.levels.split(",") if args.levels else None,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        qlora=args.qlora,
+        train_tower=args.train_tower,
+        projector=args.projector,
+        precision=args.precision,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        save_every=args.save_every,
+    )
+    out = align(cfg, resume=args.resume, progress=not args.no_progress)
+    with open(out / "summary.json", encoding="utf-8") as f:
+        s = json.load(f)
+    print(f"stage {s['stage']}: {s['steps']} steps, loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}; outputs in {out}")
+    return 0
+
+
+def register(sub) -> None:
+    from mgll.adapters.align import AlignConfig
+    from mgll.adapters.hosts import list_hosts
+    from mgll.adapters.hosts.llava import PROJECTOR_INITS
+
+    d = AlignConfig(model="", data="", out="")
+
+    p = sub.add_parser("export-hf", help="convert an MGLL/open_clip ViT to a transformers CLIPVisionModel folder")
+    p.add_argument("run", help="run folder, saved encoder or open_clip architecture name")
+    p.add_argument("out", help="output folder (config.json, model.safetensors, preprocessor_config.json)")
+    p.add_argument("--pretrained", help="open_clip pretrained tag or weights file (for architecture names)")
+    p.add_argument("--no-projection", action="store_true", help="write CLIPVisionModel without visual_projection")
+    p.set_defaults(func=_cmd_export_hf)
+
+    p = sub.add_parser("swap", help="replace an MLLM's vision tower with an MGLL encoder")
+    p.add_argument("--host", required=True, choices=list_hosts())
+    p.add_argument("--mllm", required=True, help="MLLM folder or Hub id in the host's transformers format")
+    p.add_argument("--encoder", required=True, help="MGLL run folder or saved encoder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--projector-init", choices=PROJECTOR_INITS, default="default",
+                   help="default: fresh projector; zero: zero last layer + mean-embedding bias; keep: keep the old one (same width only)")
+    p.add_argument("--projector", help="projector.safetensors from `mgll align` to put in")
+    p.add_argument("--pretrained", help="open_clip pretrained tag when --encoder is an architecture name")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_swap)
+
+    p = sub.add_parser("align", help="stage 1: train the projector; stage 2: + LoRA / QLoRA on the LM")
+    p.add_argument("--model", required=True, help="folder written by `mgll swap`")
+    p.add_argument("--data", required=True, help="records dataset (captions come from its levels)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--stage", type=int, choices=[1, 2], default=1)
+    p.add_argument("--split", default="train", help="dataset split, or 'all'")
+    p.add_argument("--levels", help="comma-separated caption levels (default: all)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    p.add_argument("--qlora", action="store_true", help="stage 2 with the LM in 4-bit nf4 (bitsandbytes)")
+    p.add_argument("--train-tower", action="store_true", help="also unfreeze the vision tower")
+    p.add_argument("--projector", help="start from this projector.safetensors (e.g. stage 1's)")
+    p.add_argument("--precision", default=d.precision, help="fp32 | bf16 | fp16 | auto (accelerate mixed precision)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_align)

@@ -1,0 +1,114 @@
+"""What every MLLM host tells the swap and alignment code: where the parts live and how they train.
+
+A host never changes an MLLM's architecture class: the swapped model is the host's own
+transformers class with a different vision config, so it loads with ``from_pretrained`` and no
+custom code. Module locations are dotted paths from the top-level model, the form bitsandbytes'
+skip list and peft's ``modules_to_save`` need.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Host", "get_module", "ShapeMismatch"]
+
+
+class ShapeMismatch(ValueError):
+    """The tower and the MLLM disagree on a width or a token grid; the message names both sizes."""
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    mod = model
+    for part in path.split("."):
+        if not hasattr(mod, part):
+            raise AttributeError(f"{type(model).__name__} has no module {path!r} (stopped at {part!r})")
+        mod = getattr(mod, part)
+    return mod
+
+
+class Host:
+    """Base class; subclasses set the paths and implement the tower swap for their architecture."""
+
+    name: str = ""
+    model_class_name: str = ""
+    tower_path: str = ""
+    projector_path: str = ""
+    language_model_path: str = ""
+    lm_head_path: str = "lm_head"
+    lora_leaf_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    # -- where things are ----------------------------------------------------------------------
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.model_class_name)
+
+    def tower(self, model: nn.Module) -> nn.Module:
+        return get_module(model, self.tower_path)
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        return get_module(model, self.projector_path)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return get_module(model, self.language_model_path)
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return get_module(model, self.lm_head_path)
+
+    # -- training recipe -----------------------------------------------------------------------
+    def trainable_paths(self, stage: int, train_tower: bool = False) -> list[str]:
+        """Stage 1 aligns the projector only; stage 2 adds LoRA on the LM (peft adds those itself)."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage={stage}: expected 1 (projector) or 2 (projector + LoRA)")
+        paths = [self.projector_path]
+        if train_tower:
+            paths.append(self.tower_path)
+        return paths
+
+    def set_trainable(self, model: nn.Module, stage: int, train_tower: bool = False) -> list[str]:
+        paths = self.trainable_paths(stage, train_tower)
+        for name, p in model.named_parameters():
+            if "lora_" not in name:
+                p.requires_grad_(False)
+        for path in paths:
+            get_module(model, path).requires_grad_(True)
+        return paths
+
+    def lora_target_modules(self) -> str:
+        """A peft regex matching the LM's attention/MLP linears only (the CLIP tower has q_proj too)."""
+        leaves = "|".join(self.lora_leaf_names)
+        lm = re.escape(self.language_model_path)
+        return rf".*{lm}\..*\.({leaves})"
+
+    def unquantised_modules(self) -> list[str]:
+        """Full module paths for ``BitsAndBytesConfig(llm_int8_skip_modules=...)``.
+
+        transformers 5 matches these against full names, so the short ``"vision_tower"`` of
+        older recipes quantises the tower; the full path keeps it in float.
+        """
+        return [self.tower_path, self.projector_path, self.lm_head_path]
+
+    # -- host specific -------------------------------------------------------------------------
+    def num_image_tokens(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def tower_spec(self, model: nn.Module) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def check_fit(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
+        raise NotImplementedError
+
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
+        raise NotImplementedError
+
+    def build_batch(
+        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
