@@ -327,13 +327,15 @@ def mem_child(args) -> None:
     if cpu:
         res["rss_after_import_mb"] = _status_kb("VmRSS") / mb
     torch.manual_seed(args.seed)
-    cfg = run_config(args.loss, bool(args.ckpt))
+    loss = args.loss.removesuffix("-untrimmed")  # "clip-untrimmed": open_clip's 77-token text path, for comparison
+    cfg = run_config(loss, bool(args.ckpt))
     encoder, _, preprocess_val, tokenizer, _ = create_encoder(args.model)
     if args.ckpt:
         encoder.set_grad_checkpointing(True)
     levels = load_dataset(args.data).card.levels
     images, label_sets = fixed_batches(Path(args.data), preprocess_val, args.batch, 1)[0]
-    model = ContrastiveModel(encoder, tokenizer, levels, loss=args.loss).to(device).train()
+    model = ContrastiveModel(encoder, tokenizer, levels, loss=loss, trim_text=not args.loss.endswith("-untrimmed"))
+    model = model.to(device).train()
     images = images.to(device)
     optimizer = build_optimizer(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
@@ -382,7 +384,14 @@ def mem_child(args) -> None:
     print("MEMJSON " + json.dumps(res), flush=True)
 
 
-def measure_memory(data_dir: Path, batch: int, losses, device: str, seed: int) -> list[dict]:
+# glibc's default per-thread arenas and sliding mmap threshold keep freed activation buffers resident, so
+# RSS then measures the allocator's retention rather than the step's live memory. These settings make
+# freed large buffers go back to the OS at once; the same variables work for any user's training run.
+TUNED_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
+
+
+def measure_memory(data_dir: Path, batch: int, losses, device: str, seed: int, allocator: str = "tuned") -> list[dict]:
+    env = {**os.environ, **(TUNED_MALLOC if allocator == "tuned" else {})}
     rows = []
     for loss in losses:
         for ckpt in (0, 1):
@@ -393,12 +402,13 @@ def measure_memory(data_dir: Path, batch: int, losses, device: str, seed: int) -
                 "--device", device, "--seed", str(seed),
             ]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if proc.returncode != 0:
                 raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
             line = next(x for x in proc.stdout.splitlines() if x.startswith("MEMJSON "))
             row = json.loads(line[len("MEMJSON "):])
             row["child_wall_s"] = time.perf_counter() - t0
+            row["allocator"] = allocator
             rows.append(row)
             print(
                 f"[mem]   peak {row['peak_rss_mb']:.0f} MB, warm step above pre-step {row['step2_above_pre_mb']:.0f} MB",
@@ -540,7 +550,9 @@ def write_markdown(path: Path, results: dict) -> None:
             "interpreter + torch + model + a cold first step that also allocates AdamW's state. `warm step above",
             "pre-step` = peak RSS of a second step minus the RSS just before it (high-water mark reset through",
             "/proc/self/clear_refs, freed heap returned with malloc_trim first): the step's own activations,",
-            "gradients and temporaries, with parameters and AdamW state already resident."
+            "gradients and temporaries, with parameters and AdamW state already resident. Allocator: "
+            + (f"glibc tuned ({' '.join(f'{k}={v}' for k, v in m['malloc_env'].items())}) so RSS follows live memory."
+               if m.get("allocator") == "tuned" else "glibc defaults (RSS includes freed buffers glibc keeps).")
             if m["rows"][0]["device"] == "cpu"
             else "CUDA: `peak` = torch.cuda.max_memory_allocated over the steps; `above pre-step` = that minus"
             " memory_allocated before the step.",
@@ -626,7 +638,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--configs", default="tiny,vitb32", help="comma-separated step-time configs")
-    ap.add_argument("--mem-losses", default="clip,mgll", help="losses for the memory part; empty to skip it")
+    ap.add_argument(
+        "--mem-losses", default="clip,mgll,clip-untrimmed",
+        help="losses for the memory part (clip-untrimmed = open_clip's 77-token text path); empty to skip it",
+    )
+    ap.add_argument(
+        "--mem-allocator", choices=["tuned", "default"], default="tuned",
+        help="tuned: glibc set to return freed buffers (RSS follows live memory); default: glibc as is",
+    )
     ap.add_argument("--data", default=None, help="existing synthetic fundus dataset folder (default: generate one)")
     # internal: one memory measurement in this (fresh) process
     ap.add_argument("--_mem-child", dest="mem_child", action="store_true", help=argparse.SUPPRESS)
@@ -671,8 +690,12 @@ def main(argv=None) -> int:
                 name, specs[name], data_dir, device, args.seed, breakdown_repeats=specs[name]["breakdown"]
             )
         if mem_losses:
-            rows = measure_memory(data_dir, mem_batch, mem_losses, args.device, args.seed)
-            results["memory"] = {"model": MEM_MODEL, "batch": mem_batch, "rows": rows, "summary": memory_summary(rows)}
+            rows = measure_memory(data_dir, mem_batch, mem_losses, args.device, args.seed, args.mem_allocator)
+            results["memory"] = {
+                "model": MEM_MODEL, "batch": mem_batch, "allocator": args.mem_allocator,
+                "malloc_env": TUNED_MALLOC if args.mem_allocator == "tuned" else {},
+                "rows": rows, "summary": memory_summary(rows),
+            }
     results["wall_s"] = time.perf_counter() - t_all
     results["loadavg_end"] = os.getloadavg()[0]
     if results["time"]:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mgll.cli import main as cli_main
 from mgll.data import load_dataset
 from mgll.data.build_fundus import build_fundus, crop_black_border
-from mgll.data.builders_cli import main as cli_main
 from mgll.data.fundus_readers import detect_format
 from mgll.data.fundus_vocab import explain, load_knowledge, load_vocab, normalise_term
 

@@ -16,9 +16,9 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from mgll.cli import main as cli_main
 from mgll.data import load_dataset
 from mgll.data.build_xray import build_xray, load_salt, source_key
-from mgll.data.builders_cli import main as cli_main
 from mgll.data.dicom_pixels import dicom_to_array, dicom_to_image
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
@@ -293,7 +293,7 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path):
     build_xray(src, clean, size=128, workers=2, salt_file=salt, progress=False)
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mgll.data.builders_cli", "build-xray", str(src), str(killed), "--size", "128",
+    cmd = [sys.executable, "-m", "mgll.cli", "build-xray", str(src), str(killed), "--size", "128",
            "--workers", "2", "--salt-file", str(salt), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     journal = killed / ".build" / "journal.jsonl"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mgll.cli import main as cli_main
 from mgll.data import DatasetCard, Level, Record, load_dataset, write_dataset
-from mgll.data.builders_cli import main as cli_main
 from mgll.data.merge import merge_datasets
 
 LEVELS = (Level("status", "a {} eye"), Level("disease", "showing {}"))

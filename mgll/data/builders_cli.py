@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-__all__ = ["register", "main"]
+__all__ = ["register"]
 
 
 def _print_summary(summary: dict, out) -> None:
@@ -99,20 +98,3 @@ def register(subparsers) -> None:
     p.add_argument("--name", default="mgll-merged")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=_cmd_merge)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m mgll.data.builders_cli``) until mgll.cli registers these commands."""
-    parser = argparse.ArgumentParser(prog="mgll")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"mgll {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
