@@ -42,7 +42,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from mgll.quickstart import run_quickstart
 
-    run_quickstart(args.out, n_images=args.n, steps=args.steps, seed=args.seed, progress=not args.no_progress)
+    run_quickstart(
+        args.out, n_images=args.n, steps=args.steps, seed=args.seed, progress=not args.no_progress,
+        probe_bootstrap=args.probe_bootstrap,
+    )
     return 0
 
 
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=600, help="synthetic images")
     p.add_argument("--steps", type=int, default=300, help="training steps per encoder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-bootstrap", type=int, default=200, help="bootstrap replicates for the probe CIs")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_quickstart)
 
@@ -83,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_builders(sub)
 
+    from mgll.encoder.eval_cli import register as register_probe_compare
     from mgll.encoder.eval_cli_b import register as register_zeroshot_finetune
+
+    register_probe_compare(sub)
 
     register_zeroshot_finetune(sub)
 

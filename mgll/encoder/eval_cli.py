@@ -1,0 +1,79 @@
+"""``mgll probe`` and ``mgll compare``; :func:`register` adds them to the ``mgll`` parser."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from mgll.encoder.probe import run_probe
+
+    report = run_probe(
+        args.encoder,
+        args.data,
+        args.level,
+        classes=args.classes,
+        fractions=args.fraction,
+        head=args.head,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        out=args.out,
+        pretrained=args.pretrained,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        batch_size=args.batch_size,
+        splits=(args.train_split, args.val_split, args.test_split),
+        progress=not args.no_progress,
+    )
+    for w in report["warnings"]:
+        print(f"warning: {w}")
+    print(open(report["paths"]["md"], encoding="utf-8").read())
+    print(f"wrote {report['paths']['json']} and {report['paths']['md']}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mgll.encoder.compare import compare_runs
+
+    res = compare_runs(args.runs, args.out, labels=args.labels, title=args.title)
+    print(res["markdown"])
+    print(f"wrote {res['json']}, {res['md']} and {res['png']}")
+    return 0
+
+
+def _fraction(s: str) -> float:
+    v = float(s)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"fraction must be in (0, 1], got {s}")
+    return v
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("probe", help="linear probe of a frozen encoder on one level of a dataset")
+    p.add_argument("--encoder", required=True, help="run folder, saved encoder folder or open_clip architecture")
+    p.add_argument("--pretrained", help="open_clip pretrained tag or weights file, for an architecture name")
+    p.add_argument("--data", required=True, help="dataset folder (records + card)")
+    p.add_argument("--level", required=True, help="label level to classify (binary / multi-class / multi-label is detected)")
+    p.add_argument("--classes", nargs="+", help="restrict the task to these classes")
+    p.add_argument("--fraction", nargs="+", type=_fraction, default=[1.0], help="training fractions, e.g. 0.01 0.1 1.0")
+    p.add_argument("--head", choices=["logreg", "linear"], default="logreg")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the 95%% CIs (0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder for metrics.json / metrics.md")
+    p.add_argument("--cache-dir", help="feature cache folder (default <data>/.mgll_cache)")
+    p.add_argument("--device", help="torch device (default cuda if available)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_probe)
+
+    p = subparsers.add_parser("compare", help="put several evaluation runs side by side (table + bar chart)")
+    p.add_argument("runs", nargs="+", help="evaluation folders (or their metrics.json)")
+    p.add_argument("--out", required=True, help="output folder for metrics.json / metrics.md / compare.png")
+    p.add_argument("--labels", nargs="+", help="column names, one per run (default: each run's encoder label)")
+    p.add_argument("--title", default="Encoder comparison")
+    p.set_defaults(func=_cmd_compare)
