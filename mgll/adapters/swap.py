@@ -3,7 +3,9 @@
 The output folder is the host's own transformers checkpoint (``save_pretrained``) plus its
 processor and ``mgll_swap.json`` (host, encoder, tower spec, projector init), so
 ``LlavaForConditionalGeneration.from_pretrained(out)`` works without mgll; :func:`load_swapped`
-adds the shape checks.
+adds the shape checks. Hosts whose vision class cannot hold an MGLL ViT (``qwen2_vl``,
+``instructblip``) save their class's thin subclass, which rebuilds the tower from the
+``mgll_tower`` entry of ``config.json``; :func:`load_swapped` loads those in the same one call.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _load_mllm(host, mllm: str | os.PathLike, dtype: torch.dtype | None):
     kw: dict[str, Any] = {}
     if dtype is not None:
         kw["dtype"] = dtype
-    model = host.model_class().from_pretrained(str(mllm), **kw)
+    model = host.source_class().from_pretrained(str(mllm), **kw)
     processor = tokenizer = None
     from transformers import AutoProcessor, AutoTokenizer
 

@@ -35,6 +35,7 @@ class Host:
 
     name: str = ""
     model_class_name: str = ""
+    source_class_name: str = ""  # the class of the MLLM before the swap, when it differs from model_class_name
     tower_path: str = ""
     projector_path: str = ""
     language_model_path: str = ""
@@ -46,6 +47,12 @@ class Host:
         import transformers
 
         return getattr(transformers, self.model_class_name)
+
+    def source_class(self):
+        """The class that loads the original MLLM (``mgll swap --mllm``)."""
+        import transformers
+
+        return getattr(transformers, self.source_class_name or self.model_class_name)
 
     def tower(self, model: nn.Module) -> nn.Module:
         return get_module(model, self.tower_path)

@@ -1,0 +1,280 @@
+"""InstructBLIP on transformers' ``InstructBlipForConditionalGeneration``; the MGLL ViT reaches the Q-Former through a bridge.
+
+The Q-Former cross-attends to the vision features with key/value projections whose input width
+is the vision width (``qformer_config.encoder_hidden_size``, tied to ``vision_config.hidden_size``
+in the config). Two ways to fit a different-width MGLL ViT: re-initialise those key/value
+projections at the new width, or **bridge** the MGLL features to the old width. This host
+bridges (``Linear(mgll_width, encoder_hidden_size)`` + ``LayerNorm``), because:
+
+* the pretrained Q-Former stays intact: its cross-attention keys/values (two linears in each of
+  its cross-attention layers) keep what they learnt, and the bridge only has to map MGLL
+  features into the space they already read; re-initialising them throws that away and leaves
+  ``2 x n_cross_layers`` freshly initialised matrices to learn instead of one;
+* the bridge is the single new module; stage 1 trains it together with the language projection
+  (the two ends of the frozen Q-Former: MGLL -> Q-Former and Q-Former -> LM, which is what the
+  host calls its "projector") while the Q-Former, its query tokens, the tower and the LM stay
+  frozen and bit-equal; the ``LayerNorm`` hands the keys/values normalised inputs, as the stock
+  tower's ``post_layernorm`` did;
+* the Q-Former config (and its tie to the vision width) is unchanged.
+
+The MGLL ViT itself is an exact ``CLIPVisionModel`` conversion; the Q-Former gets all of its
+tokens (class + patches) from hidden-state index ``select_layer`` (default -2, the second-last
+block, as BLIP-2 takes from its EVA ViT). The LM still sees ``num_query_tokens`` image tokens
+whatever the MGLL grid is: the Q-Former resamples. The saved folder is ``save_pretrained`` output
+whose config carries the tower spec (``mgll_tower``); it loads in one call with
+:func:`mgll.adapters.swap.load_swapped`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from mgll.adapters.hosts import register_host
+from mgll.adapters.hosts.base import Host, ShapeMismatch
+
+__all__ = ["InstructBlipHost", "MgllBlipVisionTower", "swapped_class"]
+
+DEFAULT_SELECT_LAYER = -2
+
+
+class MgllBlipVisionTower(nn.Module):
+    """InstructBLIP's ``vision_model`` interface over an MGLL ViT: ``pixel_values -> (B, 1 + grid**2, encoder_hidden_size)``."""
+
+    def __init__(self, vision_config, encoder_hidden_size: int, select_layer: int = DEFAULT_SELECT_LAYER):
+        super().__init__()
+        from transformers import CLIPVisionModel
+
+        self.vit = CLIPVisionModel(vision_config)
+        self.bridge = nn.Sequential(nn.Linear(vision_config.hidden_size, encoder_hidden_size), nn.LayerNorm(encoder_hidden_size))
+        self.select_layer = int(select_layer)
+        self.image_size = int(vision_config.image_size)
+        self.patch_size = int(vision_config.patch_size)
+        self.grid = self.image_size // self.patch_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vit.dtype
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Any):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        h, w = pixel_values.shape[-2:]
+        if (h, w) != (self.image_size, self.image_size):
+            raise ShapeMismatch(
+                f"grid mismatch: pixel_values are {h}x{w} px ({h // self.patch_size}x{w // self.patch_size} patches) but the "
+                f"MGLL tower takes {self.image_size}x{self.image_size} px ({self.grid}x{self.grid} patches of {self.patch_size} px)"
+            )
+        hs = self.vit(pixel_values.to(self.dtype), output_hidden_states=True).hidden_states[self.select_layer]
+        out = self.bridge(hs)
+        return BaseModelOutputWithPooling(last_hidden_state=out, pooler_output=out[:, 0])
+
+
+def _build_tower(config) -> MgllBlipVisionTower:
+    from transformers import CLIPVisionConfig
+
+    spec = getattr(config, "mgll_tower", None)
+    if not spec:
+        raise ValueError("config has no 'mgll_tower' entry: this is not an InstructBLIP folder written by `mgll swap`")
+    return MgllBlipVisionTower(
+        CLIPVisionConfig(**spec["clip_vision_config"]),
+        encoder_hidden_size=int(config.qformer_config.encoder_hidden_size),
+        select_layer=int(spec.get("select_layer", DEFAULT_SELECT_LAYER)),
+    )
+
+
+@functools.cache
+def swapped_class():
+    """``MgllInstructBlipForConditionalGeneration``: ``InstructBlipForConditionalGeneration`` whose vision module is rebuilt from ``config.mgll_tower``.
+
+    Built on first use so that importing the host registry (``mgll --help``) does not import the
+    transformers model code; transformers skips a subclass's checkpoint key renames, so the stock
+    class's are registered for it here.
+    """
+    from transformers import InstructBlipForConditionalGeneration
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    class MgllInstructBlipForConditionalGeneration(InstructBlipForConditionalGeneration):
+        __doc__ = '``InstructBlipForConditionalGeneration`` whose ``vision_model`` is rebuilt from ``config.mgll_tower``.'
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.vision_model = _build_tower(config)
+            self.post_init()
+
+    MgllInstructBlipForConditionalGeneration.__module__ = __name__
+    MgllInstructBlipForConditionalGeneration.__qualname__ = "MgllInstructBlipForConditionalGeneration"
+    stock_map = get_checkpoint_conversion_mapping(InstructBlipForConditionalGeneration.__name__)
+    if stock_map is None:
+        stock_map = get_checkpoint_conversion_mapping(InstructBlipForConditionalGeneration.config_class.model_type)
+    if stock_map is not None:
+        register_checkpoint_conversion_mapping(MgllInstructBlipForConditionalGeneration.__name__, stock_map, overwrite=True)
+    return MgllInstructBlipForConditionalGeneration
+
+
+def __getattr__(name: str):
+    if name == "MgllInstructBlipForConditionalGeneration":
+        return swapped_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@register_host("instructblip")
+class InstructBlipHost(Host):
+    model_class_name = "MgllInstructBlipForConditionalGeneration"
+    source_class_name = "InstructBlipForConditionalGeneration"
+    tower_path = "vision_model.vit"
+    projector_path = "vision_model.bridge"
+    language_model_path = "language_model"
+    lm_head_path = "language_model.lm_head"
+
+    def model_class(self):
+        return swapped_class()
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        """Bridge + language projection as one module (a view: saving/loading it writes through to both)."""
+        return nn.ModuleDict({"bridge": self._visual(model).bridge, "language_projection": model.language_projection})
+
+    def trainable_paths(self, stage: int, train_tower: bool = False) -> list[str]:
+        return [*super().trainable_paths(stage, train_tower), "language_projection"]
+
+    def _visual(self, model: nn.Module) -> MgllBlipVisionTower:
+        visual = model.vision_model
+        if not isinstance(visual, MgllBlipVisionTower):
+            raise TypeError(f"model.vision_model is a {type(visual).__name__}, not an MGLL tower: swap it first")
+        return visual
+
+    def unquantised_modules(self) -> list[str]:
+        """The Q-Former and the language projection are not the LM: they stay in float too."""
+        return [self.tower_path, self.projector_path, "qformer", "language_projection", self.lm_head_path]
+
+    # -- token grid ----------------------------------------------------------------------------
+    def num_image_tokens(self, model: nn.Module) -> int:
+        """The Q-Former's query count: independent of the MGLL grid."""
+        return int(model.config.num_query_tokens)
+
+    def projector_in_features(self, model: nn.Module) -> int:
+        return int(self._visual(model).bridge[0].in_features)
+
+    def check_fit(self, model: nn.Module) -> None:
+        v = self._visual(model)
+        width, expects = int(v.vit.config.hidden_size), self.projector_in_features(model)
+        if width != expects:
+            raise ShapeMismatch(f"width mismatch: the bridge expects {expects}-wide vision features but the tower gives {width}")
+        out, cross = int(v.bridge[0].out_features), int(model.config.qformer_config.encoder_hidden_size)
+        if out != cross:
+            raise ShapeMismatch(
+                f"width mismatch: the Q-Former cross-attention takes {cross}-wide features but the bridge gives {out}"
+            )
+        n = int(v.vit.config.num_hidden_layers) + 1
+        if not -n <= v.select_layer < n:
+            raise ShapeMismatch(f"select_layer={v.select_layer} does not exist in a {n - 1}-block tower")
+
+    def tower_spec(self, model: nn.Module) -> dict[str, Any]:
+        v = self._visual(model)
+        vc = v.vit.config
+        return {
+            "hidden_size": int(vc.hidden_size),
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "grid": v.grid,
+            "num_layers": int(vc.num_hidden_layers),
+            "hidden_act": vc.hidden_act,
+            "select_layer": v.select_layer,
+            "bridge": f"Linear({vc.hidden_size}, {model.config.qformer_config.encoder_hidden_size}) + LayerNorm",
+            "encoder_hidden_size": int(model.config.qformer_config.encoder_hidden_size),
+            "num_image_tokens": self.num_image_tokens(model),
+            "projector_in_features": self.projector_in_features(model),
+        }
+
+    # -- swap ----------------------------------------------------------------------------------
+    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default",
+                      select_layer: int = DEFAULT_SELECT_LAYER) -> nn.Module:
+        """MGLL ViT + fresh bridge in place of ``vision_model``; the Q-Former and everything after it are kept."""
+        from mgll.adapters.export_hf import to_hf_clip_vision
+
+        if projector_init != "default":
+            raise ValueError(
+                f"projector_init={projector_init!r}: the instructblip host supports 'default' only "
+                "(its new module is the bridge into the pretrained Q-Former; the LM-side projection is kept)"
+            )
+        from transformers import InstructBlipForConditionalGeneration
+
+        if not isinstance(model, InstructBlipForConditionalGeneration):
+            raise TypeError(f"instructblip host needs an InstructBlipForConditionalGeneration, got {type(model).__name__}")
+        ref = model.language_projection.weight
+        hf_vit = to_hf_clip_vision(encoder, with_projection=False)
+        model.config.mgll_tower = {"clip_vision_config": hf_vit.config.to_dict(), "select_layer": int(select_layer)}
+        visual = _build_tower(model.config)
+        visual.vit.load_state_dict(hf_vit.state_dict())
+        model.vision_model = visual.to(device=ref.device, dtype=ref.dtype)
+        model.__class__ = swapped_class()
+        model.config.architectures = [model.__class__.__name__]
+        self.check_fit(model)
+        return model
+
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
+        """An ``InstructBlipProcessor`` that resizes to the MGLL image size with the encoder's normalisation."""
+        from transformers import BlipImageProcessor, InstructBlipProcessor
+
+        from mgll.adapters.vision_tower import preprocess_cfg_of
+
+        if processor is None or getattr(processor, "qformer_tokenizer", None) is None:
+            raise ValueError("the InstructBLIP folder has no processor with a qformer_tokenizer; cannot build the prompts")
+        v = self._visual(model)
+        pre = preprocess_cfg_of(encoder)
+        resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(pre.get("interpolation", "bicubic"), 3)
+        image_processor = BlipImageProcessor(
+            size={"height": v.image_size, "width": v.image_size},
+            resample=resample,
+            image_mean=list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+            image_std=list(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
+            do_convert_rgb=True,
+        )
+        return InstructBlipProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer if tokenizer is not None else processor.tokenizer,
+            qformer_tokenizer=processor.qformer_tokenizer,
+            num_query_tokens=int(model.config.num_query_tokens),
+        )
+
+    # -- alignment batches ---------------------------------------------------------------------
+    def build_batch(
+        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """``<image>*Q [bos] prompt target [eos]`` (the processor's layout) + the prompt for the Q-Former."""
+        tok, qtok = processor.tokenizer, processor.qformer_tokenizer
+        image_id = int(model.config.image_token_index)
+        n = self.num_image_tokens(model)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rows, labels = [], []
+        for prompt, target in zip(prompts, targets):
+            head = [image_id] * n + ([tok.bos_token_id] if tok.bos_token_id is not None else [])
+            head += tok(prompt, add_special_tokens=False)["input_ids"]
+            tail = tok(target, add_special_tokens=False)["input_ids"]
+            if tok.eos_token_id is not None:
+                tail = tail + [tok.eos_token_id]
+            rows.append(head + tail)
+            labels.append([-100] * len(head) + tail)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, lab) in enumerate(zip(rows, labels)):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            label_t[i, : len(lab)] = torch.tensor(lab)
+            mask[i, : len(r)] = 1
+        q = qtok(prompts, padding=True, return_tensors="pt")
+        q_ids, q_mask = q["input_ids"], q["attention_mask"]
+        if q_ids.shape[1] == 0:  # a prompt with no Q-Former tokens: one masked pad keeps the shapes valid
+            qpad = qtok.pad_token_id if qtok.pad_token_id is not None else 0
+            q_ids = torch.full((len(rows), 1), qpad, dtype=torch.long)
+            q_mask = torch.zeros((len(rows), 1), dtype=torch.long)
+        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values,
+                "qformer_input_ids": q_ids, "qformer_attention_mask": q_mask}

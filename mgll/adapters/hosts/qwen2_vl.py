@@ -1,0 +1,342 @@
+"""Qwen2-VL on transformers' ``Qwen2VLForConditionalGeneration``, with the MGLL ViT behind the merger contract.
+
+Qwen2-VL's own tower takes flattened patches plus ``image_grid_thw`` and uses 2-D rotary positions,
+so any grid works; an MGLL ViT has learned absolute positions for one fixed grid and a class
+token, so its weights cannot be written as a stock Qwen2-VL tower. The swap therefore keeps the
+*contract* instead of the class: :class:`MgllQwen2VLVisionTower` takes the processor's flattened
+patches and ``grid_thw``, rebuilds the images, runs the MGLL ViT (as an exact ``CLIPVisionModel``
+conversion) and merges each 2x2 window of patch features into one LM-width token with a fresh
+Qwen2-VL ``PatchMerger`` at the MGLL width: ``grid_t * grid_h * grid_w / merge_size**2`` tokens,
+the count the processor inserts. The processor is configured so that its patch grid *is* the MGLL
+grid (patch size = the MGLL patch, min = max pixels = the MGLL image area); a square image of any
+size is resized to exactly that grid, anything else fails with both grids named.
+
+The saved folder is ``save_pretrained`` output whose config carries the tower spec
+(``mgll_tower``: the ``CLIPVisionConfig``, the selected layer); it loads in one call with
+:func:`mgll.adapters.swap.load_swapped` (or ``MgllQwen2VLForConditionalGeneration.from_pretrained``),
+not with the stock class, which would build a Qwen2-VL tower that the weights do not fit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mgll.adapters.hosts import register_host
+from mgll.adapters.hosts.base import Host, ShapeMismatch
+
+__all__ = ["Qwen2VLHost", "MgllQwen2VisionTower", "swapped_class", "square_images"]
+
+PROJECTOR_INITS = ("default", "zero", "keep")
+DEFAULT_SELECT_LAYER = -1  # Qwen2-VL merges its last block's output; the merger brings its own LayerNorm
+
+
+def square_images(images: list, size: int) -> list:
+    """Centre-crop to a square, then resize to ``size`` (bicubic): the only input the fixed MGLL grid fits."""
+    out = []
+    for im in images:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        out.append(im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BICUBIC))
+    return out
+
+
+class MgllQwen2VisionTower(nn.Module):
+    """Qwen2-VL's visual interface (``(patches, grid_thw) -> merged tokens``) over an MGLL ViT.
+
+    ``vit`` is a ``CLIPVisionModel`` (the exact conversion of the MGLL ViT), ``merger`` a Qwen2-VL
+    ``PatchMerger`` from the MGLL width to the LM width. Videos work too: the two frames of each
+    temporal patch are averaged (identical for images) and every temporal slice is one ViT pass.
+    """
+
+    def __init__(self, vision_config, out_hidden_size: int, spatial_merge_size: int = 2,
+                 temporal_patch_size: int = 2, select_layer: int = DEFAULT_SELECT_LAYER):
+        super().__init__()
+        from transformers import CLIPVisionModel
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
+
+        self.vit = CLIPVisionModel(vision_config)
+        self.merger = PatchMerger(dim=out_hidden_size, context_dim=vision_config.hidden_size,
+                                  spatial_merge_size=spatial_merge_size)
+        self.spatial_merge_size = int(spatial_merge_size)
+        self.temporal_patch_size = int(temporal_patch_size)
+        self.select_layer = int(select_layer)
+        self.patch_size = int(vision_config.patch_size)
+        self.grid = int(vision_config.image_size) // self.patch_size
+        self.image_size = int(vision_config.image_size)
+        self.channels = int(vision_config.num_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vit.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vit.device
+
+    def _frames(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Undo the processor's patch flattening: ``(N, C*T*P*P)`` -> ``(frames, C, H, W)``."""
+        c, tp, p, m, g = self.channels, self.temporal_patch_size, self.patch_size, self.spatial_merge_size, self.grid
+        width = c * tp * p * p
+        if patches.ndim != 2 or patches.shape[1] != width:
+            raise ShapeMismatch(
+                f"patch mismatch: pixel_values rows are {patches.shape[-1]} wide but the MGLL tower takes "
+                f"{width} ({c} channels x {tp} frames x {p}x{p} px patches); configure the processor with patch_size={p}"
+            )
+        for i, (_t, h, w) in enumerate(grid_thw.tolist()):
+            if (h, w) != (g, g):
+                raise ShapeMismatch(
+                    f"grid mismatch: image {i} has a {h}x{w} patch grid but the MGLL tower takes {g}x{g} "
+                    f"({self.image_size}px / {p}px patches); give the processor square images (see square_images)"
+                )
+        n = int(grid_thw.prod(-1).sum())
+        if n != patches.shape[0]:
+            raise ShapeMismatch(f"pixel_values has {patches.shape[0]} patches but grid_thw describes {n}")
+        t_total = int(grid_thw[:, 0].sum())
+        x = patches.view(t_total, g // m, g // m, m, m, c, tp, p, p)
+        x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t_total, tp, c, g * p, g * p)
+        return x.mean(1)
+
+    def forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        frames = self._frames(hidden_states, grid_thw).to(self.dtype)
+        hs = self.vit(frames, output_hidden_states=True).hidden_states[self.select_layer][:, 1:]  # drop the class token
+        f, g, m = hs.shape[0], self.grid, self.spatial_merge_size
+        # raster order -> Qwen2-VL's window order (the m x m patches of one merged token are adjacent)
+        hs = hs.reshape(f, g // m, m, g // m, m, -1).permute(0, 1, 3, 2, 4, 5).reshape(f * g * g, -1)
+        return BaseModelOutputWithPooling(last_hidden_state=hs, pooler_output=self.merger(hs))
+
+
+def _build_tower(config) -> MgllQwen2VisionTower:
+    from transformers import CLIPVisionConfig
+
+    spec = getattr(config, "mgll_tower", None)
+    if not spec:
+        raise ValueError("config has no 'mgll_tower' entry: this is not a Qwen2-VL folder written by `mgll swap`")
+    vc = config.vision_config
+    return MgllQwen2VisionTower(
+        CLIPVisionConfig(**spec["clip_vision_config"]),
+        out_hidden_size=int(config.text_config.hidden_size),
+        spatial_merge_size=int(vc.spatial_merge_size),
+        temporal_patch_size=int(vc.temporal_patch_size),
+        select_layer=int(spec.get("select_layer", DEFAULT_SELECT_LAYER)),
+    )
+
+
+@functools.cache
+def swapped_class():
+    """``MgllQwen2VLForConditionalGeneration``: ``Qwen2VLForConditionalGeneration`` whose vision module is rebuilt from ``config.mgll_tower``.
+
+    Built on first use so that importing the host registry (``mgll --help``) does not import the
+    transformers model code; transformers skips a subclass's checkpoint key renames, so the stock
+    class's are registered for it here.
+    """
+    from transformers import Qwen2VLForConditionalGeneration
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    class MgllQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+        __doc__ = '``Qwen2VLForConditionalGeneration`` whose ``model.visual`` is rebuilt from ``config.mgll_tower``.'
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.model.visual = _build_tower(config)
+            self.post_init()
+
+    MgllQwen2VLForConditionalGeneration.__module__ = __name__
+    MgllQwen2VLForConditionalGeneration.__qualname__ = "MgllQwen2VLForConditionalGeneration"
+    stock_map = get_checkpoint_conversion_mapping(Qwen2VLForConditionalGeneration.__name__)
+    if stock_map is None:
+        stock_map = get_checkpoint_conversion_mapping(Qwen2VLForConditionalGeneration.config_class.model_type)
+    if stock_map is not None:
+        register_checkpoint_conversion_mapping(MgllQwen2VLForConditionalGeneration.__name__, stock_map, overwrite=True)
+    return MgllQwen2VLForConditionalGeneration
+
+
+def __getattr__(name: str):
+    if name == "MgllQwen2VLForConditionalGeneration":
+        return swapped_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@register_host("qwen2_vl")
+class Qwen2VLHost(Host):
+    model_class_name = "MgllQwen2VLForConditionalGeneration"
+    source_class_name = "Qwen2VLForConditionalGeneration"
+    tower_path = "model.visual.vit"
+    projector_path = "model.visual.merger"
+    language_model_path = "model.language_model"
+    lm_head_path = "lm_head"
+
+    def model_class(self):
+        return swapped_class()
+
+    # -- token grid ----------------------------------------------------------------------------
+    def _visual(self, model: nn.Module) -> MgllQwen2VisionTower:
+        visual = model.model.visual
+        if not isinstance(visual, MgllQwen2VisionTower):
+            raise TypeError(f"model.model.visual is a {type(visual).__name__}, not an MGLL tower: swap it first")
+        return visual
+
+    def tower_grid(self, model: nn.Module) -> int:
+        return self._visual(model).grid
+
+    def num_image_tokens(self, model: nn.Module) -> int:
+        """Merged tokens per image: ``grid**2 / merge_size**2`` (grid_t = 1 for images)."""
+        v = self._visual(model)
+        return (v.grid // v.spatial_merge_size) ** 2
+
+    def projector_in_features(self, model: nn.Module) -> int:
+        return int(self.projector(model).ln_q.normalized_shape[0])
+
+    def check_fit(self, model: nn.Module) -> None:
+        v = self._visual(model)
+        width, expects = int(v.vit.config.hidden_size), self.projector_in_features(model)
+        if width != expects:
+            raise ShapeMismatch(f"width mismatch: the merger expects {expects}-wide vision features but the tower gives {width}")
+        out, lm = int(v.merger.mlp[-1].out_features), int(model.config.text_config.hidden_size)
+        if out != lm:
+            raise ShapeMismatch(f"width mismatch: the merger gives {out}-wide tokens but the LM takes {lm}")
+        m, g = v.spatial_merge_size, v.grid
+        if g % m:
+            raise ShapeMismatch(
+                f"grid mismatch: the tower's {g}x{g} patch grid does not split into {m}x{m} merge windows "
+                f"(image {v.image_size}px / patch {v.patch_size}px); Qwen2-VL needs an even grid"
+            )
+        n = int(v.vit.config.num_hidden_layers) + 1
+        if not -n <= v.select_layer < n:
+            raise ShapeMismatch(f"select_layer={v.select_layer} does not exist in a {n - 1}-block tower")
+
+    def tower_spec(self, model: nn.Module) -> dict[str, Any]:
+        v = self._visual(model)
+        vc = v.vit.config
+        return {
+            "hidden_size": int(vc.hidden_size),
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "grid": v.grid,
+            "num_layers": int(vc.num_hidden_layers),
+            "hidden_act": vc.hidden_act,
+            "select_layer": v.select_layer,
+            "spatial_merge_size": v.spatial_merge_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "num_image_tokens": self.num_image_tokens(model),
+            "projector_in_features": self.projector_in_features(model),
+        }
+
+    # -- swap ----------------------------------------------------------------------------------
+    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default",
+                      select_layer: int = DEFAULT_SELECT_LAYER) -> nn.Module:
+        """MGLL ViT + fresh merger at the MGLL width in place of ``model.model.visual``; the class becomes the Mgll subclass."""
+        from mgll.adapters.export_hf import to_hf_clip_vision
+
+        if projector_init not in PROJECTOR_INITS:
+            raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(PROJECTOR_INITS)}")
+        from transformers import Qwen2VLForConditionalGeneration
+
+        if not isinstance(model, Qwen2VLForConditionalGeneration):
+            raise TypeError(f"qwen2_vl host needs a Qwen2VLForConditionalGeneration, got {type(model).__name__}")
+        old = model.model.visual
+        old_merger = getattr(old, "merger", None)
+        ref = model.get_input_embeddings().weight
+        dtype, device = ref.dtype, ref.device
+        hf_vit = to_hf_clip_vision(encoder, with_projection=False)
+        vc = model.config.vision_config
+        model.config.mgll_tower = {"clip_vision_config": hf_vit.config.to_dict(), "select_layer": int(select_layer)}
+        # the stock fields describe the new tower where they mean the same thing (the processor reads its own copy)
+        vc.patch_size = int(hf_vit.config.patch_size)
+        vc.embed_dim = int(hf_vit.config.hidden_size)
+        vc.depth = int(hf_vit.config.num_hidden_layers)
+        vc.num_heads = int(hf_vit.config.num_attention_heads)
+        vc.hidden_size = int(model.config.text_config.hidden_size)
+        visual = _build_tower(model.config)
+        visual.vit.load_state_dict(hf_vit.state_dict())
+        if projector_init == "keep":
+            if old_merger is None or int(old_merger.ln_q.normalized_shape[0]) != int(hf_vit.config.hidden_size):
+                got = int(old_merger.ln_q.normalized_shape[0]) if old_merger is not None else None
+                raise ShapeMismatch(
+                    f"width mismatch: the merger expects {got}-wide vision features but the tower gives {hf_vit.config.hidden_size}"
+                )
+            visual.merger = old_merger
+        elif projector_init == "zero":
+            with torch.no_grad():
+                last = visual.merger.mlp[-1]
+                last.weight.zero_()
+                last.bias.copy_(ref.float().mean(0).to(last.bias.dtype))
+        model.model.visual = visual.to(device=device, dtype=dtype)
+        model.__class__ = swapped_class()
+        model.config.architectures = [model.__class__.__name__]
+        self.check_fit(model)
+        return model
+
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
+        """A ``Qwen2VLProcessor`` whose patch grid is the MGLL grid and whose normalisation is the encoder's."""
+        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        from mgll.adapters.vision_tower import preprocess_cfg_of
+
+        if tokenizer is None and processor is not None:
+            tokenizer = processor.tokenizer
+        if tokenizer is None:
+            raise ValueError("the MLLM folder has neither a processor nor a tokenizer; cannot build the image prompt")
+        v = self._visual(model)
+        pre = preprocess_cfg_of(encoder)
+        kw = {
+            "patch_size": v.patch_size,
+            "merge_size": v.spatial_merge_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "min_pixels": v.image_size**2,
+            "max_pixels": v.image_size**2,
+            "image_mean": list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+            "image_std": list(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        }
+        chat_template = getattr(processor, "chat_template", None) if processor is not None else None
+        return Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**kw),
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(**kw),
+            chat_template=chat_template,
+        )
+
+    # -- alignment batches ---------------------------------------------------------------------
+    def build_batch(
+        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """``[bos] <image>*N prompt target [eos]`` with ``mm_token_type_ids`` (M-RoPE), loss on the target."""
+        tok = processor.tokenizer
+        image_id = int(model.config.image_token_id)
+        v = self._visual(model)
+        vis = processor.image_processor(square_images(images, v.image_size), return_tensors="pt")
+        n_per = (vis["image_grid_thw"].prod(-1) // v.spatial_merge_size**2).tolist()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rows, labels, types = [], [], []
+        for n, prompt, target in zip(n_per, prompts, targets):
+            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+            head = bos + [image_id] * int(n) + tok(prompt, add_special_tokens=False)["input_ids"]
+            tail = tok(target, add_special_tokens=False)["input_ids"]
+            if tok.eos_token_id is not None:
+                tail = tail + [tok.eos_token_id]
+            rows.append(head + tail)
+            labels.append([-100] * len(head) + tail)
+            types.append([1 if t == image_id else 0 for t in head + tail])
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        type_t = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, lab, ty) in enumerate(zip(rows, labels, types)):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            label_t[i, : len(lab)] = torch.tensor(lab)
+            type_t[i, : len(ty)] = torch.tensor(ty)
+            mask[i, : len(r)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "mm_token_type_ids": type_t,
+                "pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}
