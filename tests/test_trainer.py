@@ -51,16 +51,24 @@ def test_training_reduces_the_loss(fundus_dataset, tmp_path):
     assert last < 0.8 * first
 
 
+def _train_cmd(data, out, steps, *extra):
+    return [sys.executable, "-m", "mgll.cli", "train", "--data", str(data), "--out", str(out), "--no-progress",
+            "--set", "train.batch_size=16", "--set", f"train.steps={steps}", "--set", "train.warmup_steps=3",
+            "--set", "train.save_every=4", "--set", "train.lr=1e-3", *extra]
+
+
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(fundus_dataset, tmp_path):
+    """All three runs are separate processes with one environment, so thread counts (and with them
+    the float summation order) are the same; the only difference is the kill and the resume."""
     steps = 40
-    full = train(_cfg(fundus_dataset.root, tmp_path / "full", steps=steps), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(fundus_dataset.root, full, steps), env=env, check=True, capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mgll.cli", "train", "--data", str(fundus_dataset.root), "--out", str(killed),
-           "--no-progress", "--set", "train.batch_size=16", "--set", f"train.steps={steps}", "--set", "train.warmup_steps=3",
-           "--set", "train.save_every=4", "--set", "train.lr=1e-3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
-    deadline = time.time() + 120
+    proc = subprocess.Popen(_train_cmd(fundus_dataset.root, killed, steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 300
     pointer = killed / "checkpoints" / "latest"
     while not pointer.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -71,7 +79,8 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(fundus_datase
     killed_at = int(pointer.read_text().strip().split("-")[1])
     assert 0 < killed_at < steps
 
-    train(_cfg(fundus_dataset.root, killed, steps=steps), resume=True, progress=False)
+    subprocess.run(_train_cmd(fundus_dataset.root, killed, steps, "--resume"), env=env, check=True,
+                   capture_output=True, timeout=600)
     a = load_file(str(full / "encoder" / "open_clip_model.safetensors"))
     b = load_file(str(killed / "encoder" / "open_clip_model.safetensors"))
     assert a.keys() == b.keys()
@@ -79,6 +88,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(fundus_datase
     assert worst <= 1e-6, f"resumed run differs by {worst}"
     rows = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert rows == list(range(1, steps + 1))
+    assert not list(killed.rglob("*.tmp")), "a temporary file survived the kill and the resume"
 
 
 def test_config_errors_name_the_key(tmp_path):
