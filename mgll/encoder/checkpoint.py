@@ -69,8 +69,11 @@ def save_checkpoint(
 
 
 def _prune(ckpt_root: Path, keep: int, newest: Path) -> None:
-    for stale in ckpt_root.glob(".step-*.tmp"):  # left by a run killed while it wrote a checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in ckpt_root.glob(".*.tmp"):  # left by a run killed while it wrote a checkpoint
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep] if keep > 0 else []:
         if old != newest:
