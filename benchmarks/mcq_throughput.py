@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--questions", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--text-width", type=int, default=256)
+    ap.add_argument("--text-width", type=int, default=512, help="LM width; the wider, the more the prefix dominates, as in LLaVA-1.5")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vision-width", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1,

@@ -44,7 +44,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
     run_quickstart(
         args.out, n_images=args.n, steps=args.steps, seed=args.seed, progress=not args.no_progress,
-        probe_bootstrap=args.probe_bootstrap,
+        probe_bootstrap=args.probe_bootstrap, mcq_steps=args.mcq_steps,
     )
     return 0
 
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="training steps per encoder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-bootstrap", type=int, default=200, help="bootstrap replicates for the probe CIs")
+    p.add_argument("--mcq-steps", type=int, default=1500, help="training steps of each tiny LLaVA in the MCQ stage (0 skips it)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_quickstart)
 
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mgll.adapters.cli import register as register_adapters
 
     register_adapters(sub)
+
+    from mgll.mllm_eval.cli import register as register_mcq
+
+    register_mcq(sub)
     return parser
 
 

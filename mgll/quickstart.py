@@ -7,6 +7,7 @@ linear-probed on the test split's disease level (multi-label) and compared side 
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def run_quickstart(
     seed: int = 0,
     progress: bool = True,
     probe_bootstrap: int = 200,
+    mcq_steps: int = 1500,
 ) -> dict:
     from mgll.data.synthetic import make_synthetic
     from mgll.encoder.compare import compare_runs
@@ -48,16 +50,16 @@ def run_quickstart(
     out = Path(out)
     t0 = time.perf_counter()
     data_dir = out / "data" / "synthetic-fundus"
-    print(f"[1/4] synthetic fundus data: {n_images} images -> {data_dir}")
+    print(f"[1/5] synthetic fundus data: {n_images} images -> {data_dir}")
     ds = make_synthetic(data_dir, kind="fundus", n=n_images, size=64, seed=seed, overwrite=True)
     print(f"      splits {ds.splits()}, levels {list(ds.card.level_names)}")
     runs = {}
     for i, loss in enumerate(("mgll", "clip"), start=2):
         run_dir = out / f"encoder-{loss}"
-        print(f"[{i}/4] training a tiny {loss.upper()} encoder ({steps} steps, batch 32) -> {run_dir}")
+        print(f"[{i}/5] training a tiny {loss.upper()} encoder ({steps} steps, batch 32) -> {run_dir}")
         train(quickstart_config(data_dir, run_dir, loss, steps, seed), progress=progress)
         runs[loss] = run_dir
-    print(f"[4/4] linear probe of both encoders: disease level (multi-label), test split, {probe_bootstrap} bootstrap replicates")
+    print(f"[4/5] linear probe of both encoders: disease level (multi-label), test split, {probe_bootstrap} bootstrap replicates")
     probes = {}
     for loss in ("clip", "mgll"):  # CLIP first: the comparison's deltas read "MGLL minus CLIP"
         probes[loss] = out / f"probe-{loss}"
@@ -71,6 +73,17 @@ def run_quickstart(
     )
     print()
     print(cmp["markdown"])
+    mcq = None
+    shutil.rmtree(out / "mcq", ignore_errors=True)  # from earlier encoders: the demo would reuse its finished stages
+    if mcq_steps > 0:
+        from mgll.mllm_eval.demo import run_mcq_demo
+
+        print(f"[5/5] ten-disease MCQ: a tiny LLaVA with the CLIP tower and one with the MGLL tower, {mcq_steps} steps each")
+        mcq = run_mcq_demo(
+            out / "mcq", data_dir, runs["clip"], runs["mgll"], steps=mcq_steps, seed=seed, progress=progress
+        )
+        print()
+        print(mcq["table"])
     minutes = (time.perf_counter() - t0) / 60
     print(f"\nquickstart done in {minutes:.1f} min")
     print(f"  data:           {data_dir}")
@@ -79,6 +92,8 @@ def run_quickstart(
     print(f"  probe reports:  {probes['clip'] / 'metrics.md'}, {probes['mgll'] / 'metrics.md'}")
     print(f"  comparison:     {cmp['md']}")
     print(f"  figure:         {cmp['png']}")
+    if mcq is not None:
+        print(f"  MCQ comparison: {out / 'mcq' / 'comparison' / 'comparison.md'}")
     print("  load one with open_clip:  open_clip.create_model_and_transforms('local-dir:" + str(runs["mgll"] / "encoder") + "')")
     return {
         "data": data_dir,
@@ -86,4 +101,5 @@ def run_quickstart(
         **{f"probe_{k}": v for k, v in probes.items()},
         "comparison": cmp["md"],
         "figure": cmp["png"],
+        "mcq": mcq,
     }

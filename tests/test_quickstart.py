@@ -10,7 +10,7 @@ from mgll.quickstart import run_quickstart
 
 def test_quickstart_writes_data_and_both_encoders(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--n", "120", "--steps", "4", "--no-progress"]) == 0
+    assert main(["quickstart", "--out", str(out), "--n", "120", "--steps", "4", "--mcq-steps", "3", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert str(out / "encoder-mgll" / "encoder") in printed and str(out / "encoder-clip" / "encoder") in printed
     assert (out / "data" / "synthetic-fundus" / "records.jsonl").is_file()
@@ -29,9 +29,13 @@ def test_quickstart_writes_data_and_both_encoders(tmp_path, capsys):
         enc = out / f"encoder-{loss}" / "encoder"
         assert json.loads((enc / "mgll_config.json").read_text())["loss"] == loss
         open_clip.create_model_and_transforms(f"local-dir:{enc}")
+    # stage 5: the Table-2-style MCQ comparison of a tiny LLaVA with each tower
+    mcq = out / "mcq" / "comparison" / "comparison.md"
+    assert str(mcq) in printed and "+ MGLL" in mcq.read_text()
     # rerunning into the same folder replaces the runs instead of failing or mixing them
     # (library call: the CLI has no flag to skip the probe's bootstrap, which only costs time here)
-    run_quickstart(out, n_images=120, steps=3, progress=False, probe_bootstrap=0)
+    run_quickstart(out, n_images=120, steps=3, progress=False, probe_bootstrap=0, mcq_steps=0)
+    assert not (out / "mcq").exists()  # no stale MCQ results of the previous encoders
     rows = (out / "encoder-mgll" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
 

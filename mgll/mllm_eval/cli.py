@@ -1,0 +1,102 @@
+"""``mgll mcq build|run|compare``; wired into ``mgll/cli.py`` with ``register(sub)``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from mgll.data import load_dataset
+    from mgll.mllm_eval.question_bank import build_bank, write_bank
+    from mgll.mllm_eval.report import SHORT_NAMES
+
+    bank = build_bank(load_dataset(args.dataset), k=args.k, seed=args.seed, split=args.split, level=args.level,
+                      circular=args.circular)
+    out = write_bank(bank, args.out)
+    counts = ", ".join(f"{SHORT_NAMES.get(d, d)} {n}" for d, n in bank.counts().items())
+    print(f"wrote {len(bank.questions)} questions ({args.k} options{', circular' if args.circular else ''}) to {out}")
+    print(f"per disease: {counts}")
+    if bank.skipped:
+        print(f"skipped {len(bank.skipped)} records: " + "; ".join(bank.skipped[:5]) + (" ..." if len(bank.skipped) > 5 else ""))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mgll.mllm_eval.report import compare_table
+    from mgll.mllm_eval.scoring import run_mcq
+
+    res = run_mcq(
+        args.host, args.model, args.bank, args.out, mode=args.mode, align_dir=args.align, data_root=args.data,
+        max_new_tokens=args.max_new_tokens, device=args.device, label=args.label or Path(args.model).name,
+        progress=not args.no_progress,
+    )
+    print(compare_table([res]), end="")
+    run = res["run"]
+    print(f"scored {run['scored_now']} prompts now, {run['cached']} from the cache; "
+          f"{len(res['failures'])} extraction failures, {len(res['skipped_images'])} unreadable images")
+    print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}")
+    return 0
+
+
+def _parse_run(spec: str) -> tuple[str | None, str]:
+    """``LABEL=DIR`` or ``DIR`` (a folder path may itself hold '=', so only an existing path wins)."""
+    if "=" in spec and not Path(spec).exists():
+        label, path = spec.split("=", 1)
+        return label, path
+    return None, spec
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mgll.mllm_eval.report import compare, load_results
+
+    results = []
+    for spec in args.runs:
+        label, path = _parse_run(spec)
+        res = load_results(path)
+        if label:
+            res["label"] = label
+        results.append(res)
+    summary = compare(results, args.out)
+    print(summary["table"], end="")
+    print(f"wrote {Path(args.out) / 'comparison.md'}, comparison.json, comparison.png")
+    return 0
+
+
+def register(sub) -> None:
+    from mgll.mllm_eval.scoring import MODES
+
+    p = sub.add_parser("mcq", help="ten-disease multiple-choice fundus QA benchmark for MLLMs (Table 2)")
+    mcq = p.add_subparsers(dest="mcq_command", required=True)
+
+    b = mcq.add_parser("build", help="write a question bank (JSONL) from a records dataset")
+    b.add_argument("dataset", help="records dataset folder")
+    b.add_argument("out", help="question bank file (.jsonl)")
+    b.add_argument("--k", type=int, default=4, help="options per question")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--split", default=None, help="only this split (e.g. test); all records by default")
+    b.add_argument("--level", default="disease", help="the dataset level holding disease names")
+    b.add_argument("--circular", action="store_true", help="score every rotation of the options (right only if all are)")
+    b.set_defaults(func=_cmd_build)
+
+    r = mcq.add_parser("run", help="score a question bank on an MLLM (base or swapped); resumes an interrupted run")
+    r.add_argument("--host", required=True, help="host family (llava, qwen2_vl, instructblip)")
+    r.add_argument("--model", required=True, help="model folder: a host checkpoint or a folder written by `mgll swap`")
+    r.add_argument("--align", default=None, help="alignment run folder (`mgll align --out`) to attach to a swap folder")
+    r.add_argument("--bank", required=True, help="question bank written by `mgll mcq build`")
+    r.add_argument("--mode", choices=MODES, default="loglik")
+    r.add_argument("--out", required=True, help="run folder: answers.jsonl, results.json, results.md")
+    r.add_argument("--data", default=None, help="dataset folder, if it moved since the bank was built")
+    r.add_argument("--label", default=None, help="row label in tables (default: the model folder name); "
+                                                  "name a swapped run 'X + MGLL' to pair it with run 'X'")
+    r.add_argument("--max-new-tokens", type=int, default=16, help="generate mode only")
+    r.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_cmd_run)
+
+    c = mcq.add_parser("compare", help="Table 2 layout: per-disease accuracy, average and + MGLL deltas, with a bar chart")
+    c.add_argument("runs", nargs="+", metavar="[LABEL=]RUN", help="run folders (or results.json files)")
+    c.add_argument("--out", required=True, help="folder for comparison.md/.json/.png")
+    c.set_defaults(func=_cmd_compare)
