@@ -32,12 +32,13 @@ from mgll.quickstart import quickstart_config
 VARIANTS = {
     "(a) CLIP": ("clip", {}),
     "(b) L_sCLIP only": ("mgll", {"pointwise": 0.0, "smooth_kl": 0.0}),
-    "(c) L_sCLIP + L_P": ("mgll", {"smooth_kl": 0.0}),
-    "(d) full MGLL": ("mgll", {}),
+    "(c) L_sCLIP + L_P": ("mgll", {"pointwise": 1.0, "smooth_kl": 0.0}),
+    "(d) full MGLL": ("mgll", {"pointwise": 1.0, "smooth_kl": 1.0}),
 }
 SWEEP = {
-    **{f"sweep a2={w:g}": ("mgll", {"pointwise": w}) for w in (0.03, 0.1, 0.3)},
-    **{f"sweep a3={w:g}": ("mgll", {"smooth_kl": w}) for w in (0.3, 3.0)},
+    **{f"sweep a2={w:g}": ("mgll", {"pointwise": w, "smooth_kl": 1.0}) for w in (0.03, 0.1, 0.3)},
+    **{f"sweep a3={w:g}": ("mgll", {"pointwise": 1.0, "smooth_kl": w}) for w in (0.1, 0.3, 3.0)},
+    "sweep a2=0.1 a3=0.1": ("mgll", {"pointwise": 0.1, "smooth_kl": 0.1}),
 }
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from mgll.encoder.losses import DEFAULT_WEIGHTS
+
 __all__ = ["DataConfig", "ModelConfig", "LossConfig", "TrainConfig", "RunConfig", "load_config", "apply_overrides"]
 
 
@@ -36,9 +38,9 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = "mgll"  # clip | siglip | mgll
-    soft_clip: float = 1.0  # a1
-    pointwise: float = 1.0  # a2
-    smooth_kl: float = 1.0  # a3
+    soft_clip: float = DEFAULT_WEIGHTS["soft_clip"]  # a1
+    pointwise: float = DEFAULT_WEIGHTS["pointwise"]  # a2 (see losses.py for why 0.1)
+    smooth_kl: float = DEFAULT_WEIGHTS["smooth_kl"]  # a3
 
 
 @dataclass

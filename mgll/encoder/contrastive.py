@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mgll.encoder.batch_texts import build_batch_texts
 from mgll.encoder.distributed import gather_objects, gather_rows_with_grad, rank_and_world
-from mgll.encoder.losses import MGLLLoss, clip_loss, siglip_loss
+from mgll.encoder.losses import DEFAULT_WEIGHTS, MGLLLoss, clip_loss, siglip_loss
 from mgll.encoder.text_encoding import encode_texts
 
 __all__ = ["LOSS_NAMES", "ContrastiveModel"]
@@ -53,11 +53,12 @@ class ContrastiveModel(nn.Module):
         unknown = set(weights) - {"soft_clip", "pointwise", "smooth_kl"}
         if unknown:
             raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; known: soft_clip, pointwise, smooth_kl")
+        weights = {**DEFAULT_WEIGHTS, **weights}
         self.mgll = (
             MGLLLoss(
-                soft_clip_weight=weights.get("soft_clip", 1.0),
-                pointwise_weight=weights.get("pointwise", 1.0),
-                smooth_kl_weight=weights.get("smooth_kl", 1.0),
+                soft_clip_weight=weights["soft_clip"],
+                pointwise_weight=weights["pointwise"],
+                smooth_kl_weight=weights["smooth_kl"],
             )
             if loss == "mgll"
             else None
