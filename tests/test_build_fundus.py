@@ -258,3 +258,22 @@ def test_resume_broken_image_and_cli(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="cannot tell the release layout"):
         build_fundus(tmp_path / "empty", tmp_path / "x")
+
+
+def test_refuge_label_sheet_as_xlsx(tmp_path):
+    """REFUGE ships its validation labels as an Excel sheet; it reads like the CSV."""
+    openpyxl = pytest.importorskip("openpyxl")
+    refuge = tmp_path / "REFUGE"
+    _img(refuge / "Training400" / "Glaucoma" / "g0001.jpg")
+    for i in (1, 2):
+        _img(refuge / "Validation400" / f"V000{i}.jpg", seed=i)
+    book = openpyxl.Workbook()
+    sheet = book.active
+    for row in (("ID", "ImgName", "Glaucoma Label"), (1, "V0001.jpg", 1), (2, "V0002.jpg", 0)):
+        sheet.append(row)
+    (refuge / "Validation400-GT").mkdir(parents=True)
+    book.save(refuge / "Validation400-GT" / "Glaucoma_label.xlsx")
+    _build(refuge, tmp_path / "out")
+    lab = _labels(tmp_path / "out")
+    assert {k: v.labels["disease"][0] for k, v in lab.items()} == {
+        "g0001": "glaucoma", "V0001": "glaucoma", "V0002": "normal fundus"}

@@ -168,7 +168,7 @@ def _refuge_sheet(src: Path) -> dict[str, str]:
             try:
                 import openpyxl
             except ImportError:
-                raise ValueError(f"{p}: reading .xlsx needs openpyxl (pip install openpyxl) or save it as CSV") from None
+                raise ValueError(f"{p}: reading .xlsx needs openpyxl (pip install 'mgll[fundus]') or save it as CSV") from None
             sheet = openpyxl.load_workbook(p, read_only=True).active
             it = sheet.iter_rows(values_only=True)
             head = [str(h or "").strip() for h in next(it)]
