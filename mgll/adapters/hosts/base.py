@@ -30,6 +30,34 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     return mod
 
 
+def pad_batch(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad token rows into ``(input_ids, attention_mask, labels)``; padded label positions are -100."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        label_t[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(r)] = 1
+    return input_ids, mask, label_t
+
+
+def inherit_checkpoint_renames(subclass: type, stock: type) -> None:
+    """transformers applies a class's checkpoint key renames by class name, so a subclass gets none:
+    register the stock class's (or its model type's) mapping under the subclass's name."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    mapping = get_checkpoint_conversion_mapping(stock.__name__)
+    if mapping is None:
+        mapping = get_checkpoint_conversion_mapping(stock.config_class.model_type)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(subclass.__name__, mapping, overwrite=True)
+
+
 class Host:
     """Base class; subclasses set the paths and implement the tower swap for their architecture."""
 

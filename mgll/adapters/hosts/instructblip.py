@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import Host, ShapeMismatch
+from mgll.adapters.hosts.base import Host, ShapeMismatch, inherit_checkpoint_renames, pad_batch
 
 __all__ = ["InstructBlipHost", "MgllBlipVisionTower", "swapped_class"]
 
@@ -95,10 +95,6 @@ def swapped_class():
     class's are registered for it here.
     """
     from transformers import InstructBlipForConditionalGeneration
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
 
     class MgllInstructBlipForConditionalGeneration(InstructBlipForConditionalGeneration):
         __doc__ = '``InstructBlipForConditionalGeneration`` whose ``vision_model`` is rebuilt from ``config.mgll_tower``.'
@@ -110,11 +106,7 @@ def swapped_class():
 
     MgllInstructBlipForConditionalGeneration.__module__ = __name__
     MgllInstructBlipForConditionalGeneration.__qualname__ = "MgllInstructBlipForConditionalGeneration"
-    stock_map = get_checkpoint_conversion_mapping(InstructBlipForConditionalGeneration.__name__)
-    if stock_map is None:
-        stock_map = get_checkpoint_conversion_mapping(InstructBlipForConditionalGeneration.config_class.model_type)
-    if stock_map is not None:
-        register_checkpoint_conversion_mapping(MgllInstructBlipForConditionalGeneration.__name__, stock_map, overwrite=True)
+    inherit_checkpoint_renames(MgllInstructBlipForConditionalGeneration, InstructBlipForConditionalGeneration)
     return MgllInstructBlipForConditionalGeneration
 
 
@@ -261,14 +253,7 @@ class InstructBlipHost(Host):
                 tail = tail + [tok.eos_token_id]
             rows.append(head + tail)
             labels.append([-100] * len(head) + tail)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        label_t = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, labels)):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            label_t[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(r)] = 1
+        input_ids, mask, label_t = pad_batch(rows, labels, pad)
         q = qtok(prompts, padding=True, return_tensors="pt")
         q_ids, q_mask = q["input_ids"], q["attention_mask"]
         if q_ids.shape[1] == 0:  # a prompt with no Q-Former tokens: one masked pad keeps the shapes valid

@@ -15,7 +15,7 @@ from torch import nn
 
 from mgll.adapters.export_hf import clip_vision_config, to_hf_clip_vision
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import Host, ShapeMismatch
+from mgll.adapters.hosts.base import Host, ShapeMismatch, pad_batch
 from mgll.adapters.vision_tower import build_image_processor, preprocess_cfg_of
 
 __all__ = ["LlavaHost", "PROJECTOR_INITS"]
@@ -161,13 +161,6 @@ class LlavaHost(Host):
                 tail = tail + [tok.eos_token_id]
             rows.append(head + tail)
             labels.append([-100] * len(head) + tail)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        label_t = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, labels)):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            label_t[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(r)] = 1
+        input_ids, mask, label_t = pad_batch(rows, labels, pad)
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values}

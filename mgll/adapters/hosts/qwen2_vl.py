@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import Host, ShapeMismatch
+from mgll.adapters.hosts.base import Host, ShapeMismatch, inherit_checkpoint_renames, pad_batch
 
 __all__ = ["Qwen2VLHost", "MgllQwen2VisionTower", "swapped_class", "square_images"]
 
@@ -139,10 +139,6 @@ def swapped_class():
     class's are registered for it here.
     """
     from transformers import Qwen2VLForConditionalGeneration
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
 
     class MgllQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         __doc__ = '``Qwen2VLForConditionalGeneration`` whose ``model.visual`` is rebuilt from ``config.mgll_tower``.'
@@ -154,11 +150,7 @@ def swapped_class():
 
     MgllQwen2VLForConditionalGeneration.__module__ = __name__
     MgllQwen2VLForConditionalGeneration.__qualname__ = "MgllQwen2VLForConditionalGeneration"
-    stock_map = get_checkpoint_conversion_mapping(Qwen2VLForConditionalGeneration.__name__)
-    if stock_map is None:
-        stock_map = get_checkpoint_conversion_mapping(Qwen2VLForConditionalGeneration.config_class.model_type)
-    if stock_map is not None:
-        register_checkpoint_conversion_mapping(MgllQwen2VLForConditionalGeneration.__name__, stock_map, overwrite=True)
+    inherit_checkpoint_renames(MgllQwen2VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
     return MgllQwen2VLForConditionalGeneration
 
 
@@ -318,7 +310,7 @@ class Qwen2VLHost(Host):
         vis = processor.image_processor(square_images(images, v.image_size), return_tensors="pt")
         n_per = (vis["image_grid_thw"].prod(-1) // v.spatial_merge_size**2).tolist()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        rows, labels, types = [], [], []
+        rows, labels = [], []
         for n, prompt, target in zip(n_per, prompts, targets):
             bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
             head = bos + [image_id] * int(n) + tok(prompt, add_special_tokens=False)["input_ids"]
@@ -327,16 +319,7 @@ class Qwen2VLHost(Host):
                 tail = tail + [tok.eos_token_id]
             rows.append(head + tail)
             labels.append([-100] * len(head) + tail)
-            types.append([1 if t == image_id else 0 for t in head + tail])
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        label_t = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        type_t = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, lab, ty) in enumerate(zip(rows, labels, types)):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            label_t[i, : len(lab)] = torch.tensor(lab)
-            type_t[i, : len(ty)] = torch.tensor(ty)
-            mask[i, : len(r)] = 1
+        input_ids, mask, label_t = pad_batch(rows, labels, pad)
+        type_t = ((input_ids == image_id) & mask.bool()).long()  # 1 on image tokens, for M-RoPE
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "mm_token_type_ids": type_t,
                 "pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}
