@@ -50,6 +50,32 @@ def build_word_tokenizer(texts: Iterable[str], extra_special: dict[str, str] | N
     )
 
 
+
+def _tiny_llama_config(tok, width: int, layers: int):
+    """The tiny Llama LM every tiny host model uses, sized to the word tokenizer."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+
+
+def _save(model, processor, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return out
+
 def make_tiny_llava(
     out: str | os.PathLike,
     texts: Iterable[str],
@@ -64,7 +90,6 @@ def make_tiny_llava(
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -81,18 +106,7 @@ def make_tiny_llava(
             image_size=image_size,
             patch_size=patch_size,
         ),
-        text_config=LlamaConfig(
-            hidden_size=text_width,
-            intermediate_size=2 * text_width,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(tok),
-            max_position_embeddings=512,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
+        text_config=_tiny_llama_config(tok, text_width, layers),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_seq_length=grid * grid,
         pad_token_id=tok.pad_token_id,
@@ -109,11 +123,7 @@ def make_tiny_llava(
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return out
+    return _save(model, processor, out)
 
 
 def make_tiny_qwen2_vl(
@@ -171,11 +181,7 @@ def make_tiny_qwen2_vl(
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**kw)
     )
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return out
+    return _save(model, processor, out)
 
 
 def make_tiny_instructblip(
@@ -198,7 +204,6 @@ def make_tiny_instructblip(
         InstructBlipProcessor,
         InstructBlipQFormerConfig,
         InstructBlipVisionConfig,
-        LlamaConfig,
     )
 
     texts = list(texts)
@@ -224,18 +229,7 @@ def make_tiny_instructblip(
             pad_token_id=qtok.pad_token_id,
             max_position_embeddings=128,
         ).to_dict(),
-        text_config=LlamaConfig(
-            hidden_size=text_width,
-            intermediate_size=2 * text_width,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(tok),
-            max_position_embeddings=512,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ).to_dict(),
+        text_config=_tiny_llama_config(tok, text_width, layers).to_dict(),
         num_query_tokens=num_query_tokens,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
     )
@@ -249,8 +243,4 @@ def make_tiny_instructblip(
         qformer_tokenizer=qtok,
         num_query_tokens=num_query_tokens,
     )
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return out
+    return _save(model, processor, out)
