@@ -49,6 +49,10 @@ def run_quickstart(
 
     out = Path(out)
     t0 = time.perf_counter()
+    if not progress:  # transformers draws its own bars for every model load and save
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     data_dir = out / "data" / "synthetic-fundus"
     print(f"[1/5] synthetic fundus data: {n_images} images -> {data_dir}")
     ds = make_synthetic(data_dir, kind="fundus", n=n_images, size=64, seed=seed, overwrite=True)
