@@ -50,7 +50,10 @@ MGLL (``MGLLLoss``)
     The defaults come from ``benchmarks/ablation.py``: on the tiny encoder with the quickstart's
     budget, a2 = a3 = 1 (the paper's unit weights) lowered the linear-probe macro AUC from 0.924
     (soft CLIP alone) to 0.871; at 0.1 each the full objective reached 0.902 (3 seeds each). The
-    point-wise term sums over every text of a level, so at init it is ~10x the soft CLIP term.
+    point-wise term sums over every text of a level, so at init its gradient is ~8x soft CLIP's;
+    the smooth KL pulls every level toward the mixture M, which the nearly flat coarse level
+    (normal / abnormal) flattens, and once trained its gradient opposes soft CLIP's
+    (``benchmarks/loss_scales.py``; the findings are in ``benchmarks/README.md``).
 
 Where this departs from the public reference code (HUANGLIZI/MGLL, models/pretrain.py):
     * features there are not L2-normalised before the logits; here they are (as CLIP);
