@@ -70,6 +70,15 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_llava(args: argparse.Namespace) -> int:
+    from mgll.adapters.convert_llava import convert_llava
+
+    r = convert_llava(args.src, args.out, vision_tower=args.vision_tower)
+    print(f"wrote LlavaForConditionalGeneration folder {args.out} (tower from {r['vision_tower']}, "
+          f"<image> = id {r['image_token_index']}, {r['image_seq_length']} image tokens; processor {r['processor']})")
+    return 0
+
+
 def register(sub) -> None:
     from mgll.adapters.align import AlignConfig
     from mgll.adapters.hosts import list_hosts
@@ -119,3 +128,9 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_align)
+
+    p = sub.add_parser("convert-llava", help="convert an original-format LLaVA / LLaVA-Med checkpoint to the transformers layout")
+    p.add_argument("src", help="folder with config.json (mm_* fields) and model.* / pytorch_model-*.bin weights")
+    p.add_argument("out", help="output LlavaForConditionalGeneration folder")
+    p.add_argument("--vision-tower", help="local CLIP checkpoint folder (default: config.json's mm_vision_tower)")
+    p.set_defaults(func=_cmd_convert_llava)

@@ -15,7 +15,16 @@ import torch
 
 from mgll.io import atomic_path
 
-__all__ = ["build_word_tokenizer", "make_tiny_llava", "make_tiny_qwen2_vl", "make_tiny_instructblip", "SPECIAL_TOKENS"]
+__all__ = [
+    "build_word_tokenizer",
+    "make_tiny_llava",
+    "make_tiny_qwen2_vl",
+    "make_tiny_instructblip",
+    "make_tiny_llava_next",
+    "make_tiny_internvl",
+    "make_tiny_janus",
+    "SPECIAL_TOKENS",
+]
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 
@@ -27,7 +36,7 @@ def build_word_tokenizer(texts: Iterable[str], extra_special: dict[str, str] | N
     ``image_token_attr=False`` leaves ``<image>`` in the vocabulary but not as ``tokenizer.image_token``:
     transformers 5's ``InstructBlipProcessor`` breaks on a string-valued ``image_token``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words: dict[str, None] = {}
@@ -37,7 +46,7 @@ def build_word_tokenizer(texts: Iterable[str], extra_special: dict[str, str] | N
     extra = dict(extra_special or {})
     vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, *extra.values(), *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = None
+    tok.normalizer = normalizers.Lowercase()  # the vocabulary is lower-case: "USER", "A." must not become <unk>
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(
@@ -242,5 +251,192 @@ def make_tiny_instructblip(
         tokenizer=tok,
         qformer_tokenizer=qtok,
         num_query_tokens=num_query_tokens,
+    )
+    return _save(model, processor, out)
+
+
+def _tiny_clip_vision_config(width: int, layers: int, image_size: int, patch_size: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
+def make_tiny_llava_next(
+    out: str | os.PathLike,
+    texts: Iterable[str],
+    vision_width: int = 32,
+    image_size: int = 32,
+    patch_size: int = 8,
+    text_width: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Save a random-init ``LlavaNextForConditionalGeneration`` + ``LlavaNextProcessor`` (anyres tiles of ``image_size``).
+
+    The pinpoints are LLaVA-1.6's 1x2, 2x1 and 2x2 tile layouts at this tower's image size.
+    """
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tok = build_word_tokenizer(texts)
+    s = image_size
+    pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    cfg = LlavaNextConfig(
+        vision_config=_tiny_clip_vision_config(vision_width, layers, image_size, patch_size),
+        text_config=_tiny_llama_config(tok, text_width, layers),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=pinpoints
+        ),
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return _save(model, processor, out)
+
+
+INTERNVL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+
+def make_tiny_internvl(
+    out: str | os.PathLike,
+    texts: Iterable[str],
+    vision_width: int = 32,
+    image_size: int = 32,
+    patch_size: int = 8,
+    text_width: int = 64,
+    layers: int = 2,
+    max_patches: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Save a random-init ``InternVLForConditionalGeneration`` (stock InternViT, Llama LM) + ``InternVLProcessor``.
+
+    Image tokens per tile: ``(image_size / patch_size / 2)**2`` after the 0.5 pixel shuffle.
+    """
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        InternVLVisionConfig,
+    )
+
+    tok = build_word_tokenizer(texts, dict(INTERNVL_TOKENS))
+    seq = (image_size // patch_size // 2) ** 2
+    cfg = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=vision_width,
+            intermediate_size=2 * vision_width,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        text_config=_tiny_llama_config(tok, text_width, layers),
+        image_token_id=tok.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"]),
+        image_seq_length=seq,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    size = {"height": image_size, "width": image_size}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=max_patches),
+        tokenizer=tok,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=seq,
+    )
+    return _save(model, processor, out)
+
+
+JANUS_TOKENS = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"}
+
+
+def make_tiny_janus(
+    out: str | os.PathLike,
+    texts: Iterable[str],
+    vision_width: int = 32,
+    image_size: int = 32,
+    patch_size: int = 8,
+    text_width: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Save a random-init ``JanusForConditionalGeneration`` (SigLIP tower, tiny VQ-VAE, Llama LM) + ``JanusProcessor``."""
+    from transformers import (
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusImageProcessor,
+        JanusProcessor,
+        JanusVisionConfig,
+        JanusVQVAEConfig,
+    )
+
+    tok = build_word_tokenizer(texts, dict(JANUS_TOKENS), image_token_attr=False)
+    grid = image_size // patch_size
+    cfg = JanusConfig(
+        vision_config=JanusVisionConfig(
+            hidden_size=vision_width,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch_size,
+            mlp_ratio=2,
+            projection_dim=text_width,
+            num_image_tokens=grid * grid,
+        ),
+        vq_config=JanusVQVAEConfig(
+            embed_dim=8,
+            num_embeddings=32,
+            latent_channels=32,
+            base_channels=32,
+            channel_multiplier=[1, 1],
+            num_res_blocks=1,
+            projection_dim=text_width,
+            image_token_embed_dim=text_width,
+        ),
+        text_config=_tiny_llama_config(tok, text_width, layers),
+        image_token_id=tok.convert_tokens_to_ids(JANUS_TOKENS["image_token"]),
+    )
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    # image generation masks the unconditional prompt down to bos + begin-of-image (as the released config)
+    # (a config marked as derived from the model config drops such custom entries on load)
+    model.generation_config.generation_kwargs = {"boi_token_id": tok.convert_tokens_to_ids(JANUS_TOKENS["boi_token"])}
+    model.generation_config._from_model_config = False
+    processor = JanusProcessor(
+        image_processor=JanusImageProcessor(size={"height": image_size, "width": image_size}, min_size=patch_size),
+        tokenizer=tok,
+        num_image_tokens=grid * grid,
     )
     return _save(model, processor, out)

@@ -1,0 +1,271 @@
+"""InternVL (2.5 / 3, ``-hf`` layout) on transformers' ``InternVLForConditionalGeneration``: MGLL ViT + pixel shuffle.
+
+InternVL feeds the projector the tower's patch features after a pixel shuffle that folds each
+``s x s`` window (``s = 1 / downsample_ratio``, 2 for every released model) into one token of
+``s**2`` times the width: ``(grid / s)**2`` tokens per tile, ``image_seq_length`` in the config.
+So the MGLL patch grid must be square and divisible by ``s`` (a 224-px / patch-16 ViT: 14x14 ->
+49 tokens; a 7x7 grid is refused with both sizes named), and the projector
+(``multi_modal_projector``: LayerNorm + two linears) is rebuilt at ``s**2 x`` the MGLL width.
+
+InternViT cannot hold an MGLL ViT exactly (it has no ``ln_pre`` and uses layer scale), so the
+MGLL ViT goes in as a ``CLIPVisionModel`` (the exact conversion) and the saved model is the thin
+subclass ``MgllInternVLForConditionalGeneration``, which rebuilds that tower from the
+``mgll_tower`` entry of ``config.json``. The stock ``vision_config`` fields that mean the same
+thing (width, depth, heads, image and patch size) are rewritten to describe the MGLL tower.
+InternVL's dynamic tiling is kept: the image processor cuts tiles of the MGLL image size (plus a
+thumbnail) and the tower runs once per tile; each tile gets ``image_seq_length`` tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from mgll.adapters.hosts import register_host
+from mgll.adapters.hosts.base import Host, ShapeMismatch, inherit_checkpoint_renames, pad_batch
+
+__all__ = ["InternVLHost", "swapped_class"]
+
+PROJECTOR_INITS = ("default", "zero", "keep")
+
+
+def _shuffle_scale(config) -> int:
+    ratio = float(config.downsample_ratio)
+    scale = round(1 / ratio)
+    if abs(scale * ratio - 1) > 1e-6:
+        raise ShapeMismatch(f"downsample_ratio={ratio}: the pixel shuffle needs 1/ratio to be a whole number")
+    return scale
+
+
+def _layers(config) -> list[int]:
+    layer = config.vision_feature_layer
+    return [layer] if isinstance(layer, int) else list(layer)
+
+
+def _build_tower(config):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    spec = getattr(config, "mgll_tower", None)
+    if not spec:
+        raise ValueError("config has no 'mgll_tower' entry: this is not an InternVL folder written by `mgll swap`")
+    return CLIPVisionModel(CLIPVisionConfig(**spec["clip_vision_config"]))
+
+
+@functools.cache
+def swapped_class():
+    """``MgllInternVLForConditionalGeneration``: ``InternVLForConditionalGeneration`` whose tower is rebuilt from ``config.mgll_tower``.
+
+    Built on first use so that importing the host registry does not import the transformers
+    model code; the stock class's checkpoint key renames are registered for the subclass.
+    """
+    from transformers import InternVLForConditionalGeneration
+
+    class MgllInternVLForConditionalGeneration(InternVLForConditionalGeneration):
+        __doc__ = "``InternVLForConditionalGeneration`` whose ``model.vision_tower`` is rebuilt from ``config.mgll_tower``."
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.model.vision_tower = _build_tower(config)
+            self.post_init()
+
+    MgllInternVLForConditionalGeneration.__module__ = __name__
+    MgllInternVLForConditionalGeneration.__qualname__ = "MgllInternVLForConditionalGeneration"
+    inherit_checkpoint_renames(MgllInternVLForConditionalGeneration, InternVLForConditionalGeneration)
+    return MgllInternVLForConditionalGeneration
+
+
+def __getattr__(name: str):
+    if name == "MgllInternVLForConditionalGeneration":
+        return swapped_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@register_host("internvl")
+class InternVLHost(Host):
+    model_class_name = "MgllInternVLForConditionalGeneration"
+    source_class_name = "InternVLForConditionalGeneration"
+    tower_path = "model.vision_tower"
+    projector_path = "model.multi_modal_projector"
+    language_model_path = "model.language_model"
+    lm_head_path = "lm_head"
+
+    def model_class(self):
+        return swapped_class()
+
+    def _tower(self, model: nn.Module):
+        from transformers import CLIPVisionModel
+
+        tower = self.tower(model)
+        if not isinstance(tower, CLIPVisionModel):
+            raise TypeError(f"model.model.vision_tower is a {type(tower).__name__}, not an MGLL tower: swap it first")
+        return tower
+
+    # -- token grid ----------------------------------------------------------------------------
+    def tower_grid(self, model: nn.Module) -> int:
+        vc = self._tower(model).config
+        return int(vc.image_size) // int(vc.patch_size)
+
+    def num_image_tokens(self, model: nn.Module) -> int:
+        """Tokens per tile after the pixel shuffle: ``(grid / s)**2``."""
+        return (self.tower_grid(model) // _shuffle_scale(model.config)) ** 2
+
+    def projector_in_features(self, model: nn.Module) -> int:
+        return int(self.projector(model).linear_1.in_features)
+
+    def tower_feature_width(self, model: nn.Module) -> int:
+        """The pixel-shuffled width the projector sees: ``s**2 x`` the tower width."""
+        return int(self._tower(model).config.hidden_size) * _shuffle_scale(model.config) ** 2
+
+    def check_fit(self, model: nn.Module) -> None:
+        vc = self._tower(model).config
+        s, g = _shuffle_scale(model.config), self.tower_grid(model)
+        if g % s:
+            raise ShapeMismatch(
+                f"grid mismatch: the tower's {g}x{g} patch grid does not split into {s}x{s} pixel-shuffle windows "
+                f"(image {vc.image_size}px / patch {vc.patch_size}px, downsample_ratio {model.config.downsample_ratio}); "
+                "InternVL needs a grid divisible by 1/downsample_ratio"
+            )
+        if len(_layers(model.config)) != 1:
+            raise ShapeMismatch(f"vision_feature_layer={model.config.vision_feature_layer}: InternVL takes one layer")
+        width, expects = self.tower_feature_width(model), self.projector_in_features(model)
+        if width != expects:
+            raise ShapeMismatch(
+                f"width mismatch: the projector expects {expects}-wide vision features but the tower gives {width} "
+                f"(hidden_size {vc.hidden_size} x {s}x{s} pixel shuffle)"
+            )
+        norm = int(self.projector(model).layer_norm.normalized_shape[0])
+        if norm != width:
+            raise ShapeMismatch(f"width mismatch: the projector's LayerNorm takes {norm} but the tower gives {width}")
+        out, lm = int(self.projector(model).linear_2.out_features), int(model.config.text_config.hidden_size)
+        if out != lm:
+            raise ShapeMismatch(f"width mismatch: the projector gives {out}-wide tokens but the LM takes {lm}")
+        tokens, seq = self.num_image_tokens(model), int(model.config.image_seq_length)
+        if tokens != seq:
+            raise ShapeMismatch(
+                f"grid mismatch: the LM expects image_seq_length={seq} image tokens per tile but the tower gives {tokens} "
+                f"({g}x{g} patches / {s}x{s} pixel shuffle)"
+            )
+        n = int(vc.num_hidden_layers) + 1
+        layer = _layers(model.config)[0]
+        if not -n <= layer < n:
+            raise ShapeMismatch(f"vision_feature_layer={layer} does not exist in a {n - 1}-block tower")
+
+    def tower_spec(self, model: nn.Module) -> dict[str, Any]:
+        vc = self._tower(model).config
+        return {
+            "hidden_size": int(vc.hidden_size),
+            "image_size": int(vc.image_size),
+            "patch_size": int(vc.patch_size),
+            "grid": self.tower_grid(model),
+            "num_layers": int(vc.num_hidden_layers),
+            "hidden_act": vc.hidden_act,
+            "select_layer": model.config.vision_feature_layer,
+            "select_strategy": model.config.vision_feature_select_strategy,
+            "downsample_ratio": float(model.config.downsample_ratio),
+            "num_image_tokens": self.num_image_tokens(model),
+            "projector_in_features": self.projector_in_features(model),
+        }
+
+    # -- swap ----------------------------------------------------------------------------------
+    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
+        """MGLL ViT as ``model.vision_tower``, projector at the pixel-shuffled MGLL width, new ``image_seq_length``."""
+        from transformers import InternVLForConditionalGeneration
+        from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
+
+        from mgll.adapters.export_hf import to_hf_clip_vision
+
+        if projector_init not in PROJECTOR_INITS:
+            raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(PROJECTOR_INITS)}")
+        if not isinstance(model, InternVLForConditionalGeneration):
+            raise TypeError(f"internvl host needs an InternVLForConditionalGeneration, got {type(model).__name__}")
+        ref = model.get_input_embeddings().weight
+        dtype, device = ref.dtype, ref.device
+        hf_vit = to_hf_clip_vision(encoder, with_projection=False)
+        hc = hf_vit.config
+        model.config.mgll_tower = {"clip_vision_config": hc.to_dict()}
+        vc = model.config.vision_config  # the stock fields now describe the MGLL tower
+        vc.hidden_size = int(hc.hidden_size)
+        vc.intermediate_size = int(hc.intermediate_size)
+        vc.num_hidden_layers = int(hc.num_hidden_layers)
+        vc.num_attention_heads = int(hc.num_attention_heads)
+        vc.image_size = [int(hc.image_size)] * 2
+        vc.patch_size = [int(hc.patch_size)] * 2
+        model.model.vision_tower = _build_tower(model.config)
+        model.model.vision_tower.load_state_dict(hf_vit.state_dict())
+        model.model.vision_tower.to(device=device, dtype=dtype)
+        if projector_init != "keep":
+            projector = InternVLMultiModalProjector(model.config).to(device=device, dtype=dtype)
+            if projector_init == "zero":
+                with torch.no_grad():
+                    projector.linear_2.weight.zero_()
+                    projector.linear_2.bias.copy_(ref.float().mean(0).to(projector.linear_2.bias.dtype))
+            model.model.multi_modal_projector = projector
+        model.__class__ = swapped_class()
+        model.config.architectures = [model.__class__.__name__]
+        g, s = self.tower_grid(model), _shuffle_scale(model.config)
+        if g % s == 0:
+            model.config.image_seq_length = (g // s) ** 2
+        self.check_fit(model)
+        return model
+
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
+        """An ``InternVLProcessor`` tiling at the MGLL image size with the encoder's normalisation."""
+        from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+        from mgll.adapters.vision_tower import preprocess_cfg_of
+
+        if tokenizer is None and processor is not None:
+            tokenizer = processor.tokenizer
+        if tokenizer is None:
+            raise ValueError("the MLLM folder has neither a processor nor a tokenizer; cannot build the image prompt")
+        old = getattr(processor, "image_processor", None)
+        pre = preprocess_cfg_of(encoder)
+        s = int(self._tower(model).config.image_size)
+        norm = {
+            "size": {"height": s, "width": s},
+            "resample": {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(pre.get("interpolation", "bicubic"), 3),
+            "image_mean": list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+            "image_std": list(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        }
+        image_processor = GotOcr2ImageProcessor(
+            crop_to_patches=bool(getattr(old, "crop_to_patches", True)),
+            min_patches=int(getattr(old, "min_patches", 1)),
+            max_patches=int(getattr(old, "max_patches", 12)),
+            **norm,
+        )
+        chat_template = getattr(processor, "chat_template", None) if processor is not None else None
+        return InternVLProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=InternVLVideoProcessor(**norm),
+            image_seq_length=self.num_image_tokens(model),
+            chat_template=chat_template,
+        )
+
+    # -- alignment batches ---------------------------------------------------------------------
+    def build_batch(
+        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """``[bos] <img> <IMG_CONTEXT>*(seq x tiles_i) </img> prompt target [eos]``; loss on the target."""
+        tok = processor.tokenizer
+        image_id = int(model.config.image_token_id)
+        seq = self.num_image_tokens(model)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        vis = processor.image_processor(images, return_tensors="pt")
+        tiles = vis["num_patches"]
+        tiles = tiles.tolist() if hasattr(tiles, "tolist") else list(tiles)
+        rows, labels = [], []
+        for n, prompt, target in zip(tiles, prompts, targets):
+            head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+            head += [processor.start_image_token_id] + [image_id] * (seq * int(n)) + [processor.end_image_token_id]
+            head += tok(prompt, add_special_tokens=False)["input_ids"]
+            tail = tok(target, add_special_tokens=False)["input_ids"]
+            if tok.eos_token_id is not None:
+                tail = tail + [tok.eos_token_id]
+            rows.append(head + tail)
+            labels.append([-100] * len(head) + tail)
+        input_ids, mask, label_t = pad_batch(rows, labels, pad)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": vis["pixel_values"]}

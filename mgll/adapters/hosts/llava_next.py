@@ -1,0 +1,196 @@
+"""LLaVA-NeXT (LLaVA-1.6) on transformers' ``LlavaNextForConditionalGeneration``: anyres tiles through the MGLL tower.
+
+LLaVA-NeXT cuts an image into tiles of the tower's image size laid out on one of the
+``image_grid_pinpoints`` resolutions, plus a base tile of the whole image; the tower runs on
+every tile as one batch, the projector maps each tile's patch features, and the tiles are
+stitched back into one feature map, unpadded to the image's aspect ratio, with the learnt
+``image_newline`` embedding after each row. The MGLL ViT goes in as a plain ``CLIPVisionModel``
+(the same exact conversion as the ``llava`` host), so the saved model is a stock LLaVA-NeXT
+checkpoint; what changes is the tile size: each pinpoint is rescaled from the old tower's
+image size to the MGLL image size (``[[336, 672], ...]`` -> ``[[224, 448], ...]`` for a
+224-px MGLL ViT), so the tile layouts stay the same. ``image_newline`` lives in the LM's
+embedding space, not the tower's, so it is kept (and stays frozen in stage 1, as in LLaVA).
+
+The image-token count depends on the image's size: ``grid**2`` for the base tile plus the
+unpadded tile grid and one newline per row (:meth:`LlavaNextHost.image_tokens`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mgll.adapters.export_hf import clip_vision_config, to_hf_clip_vision
+from mgll.adapters.hosts import register_host
+from mgll.adapters.hosts.base import ShapeMismatch, pad_batch
+from mgll.adapters.hosts.llava import PROJECTOR_INITS, LlavaHost
+
+__all__ = ["LlavaNextHost", "rescale_pinpoints", "anyres_token_count"]
+
+
+def rescale_pinpoints(pinpoints: list, old_size: int, new_size: int) -> list[list[int]]:
+    """The same tile layouts at a new tile size; a pinpoint that is not a whole number of tiles is refused."""
+    out = []
+    for hw in pinpoints:
+        h, w = int(hw[0]), int(hw[1])
+        if h % old_size or w % old_size:
+            raise ShapeMismatch(
+                f"grid mismatch: image_grid_pinpoints entry [{h}, {w}] is not a whole number of "
+                f"{old_size}px tiles (the MLLM's tower image size)"
+            )
+        out.append([h // old_size * new_size, w // old_size * new_size])
+    return out
+
+
+def anyres_token_count(height: int, width: int, pinpoints: list, tile: int, grid: int, newline: bool = True) -> int:
+    """Image tokens LLaVA-NeXT builds for one ``height x width`` image (``default`` strategy: no class token).
+
+    Mirrors the model's packing: the best pinpoint resolution gives ``rows x cols`` tiles of
+    ``grid x grid`` features; that map is unpadded back to the image's aspect ratio, gets one
+    newline per row, and follows the base tile's ``grid**2`` features.
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution((height, width), [list(p) for p in pinpoints])
+    cur_h, cur_w = best_h // tile * grid, best_w // tile * grid
+    if width / height > cur_w / cur_h:
+        new_h = int(round(height * (cur_w / width), 7))
+        cur_h -= 2 * ((cur_h - new_h) // 2)
+    else:
+        new_w = int(round(width * (cur_h / height), 7))
+        cur_w -= 2 * ((cur_w - new_w) // 2)
+    return grid * grid + cur_h * cur_w + (cur_h if newline else 0)
+
+
+@register_host("llava_next")
+class LlavaNextHost(LlavaHost):
+    model_class_name = "LlavaNextForConditionalGeneration"
+    tower_path = "model.vision_tower"
+    projector_path = "model.multi_modal_projector"
+    language_model_path = "model.language_model"
+    lm_head_path = "lm_head"
+
+    # -- token grid ----------------------------------------------------------------------------
+    def image_tokens(self, model: nn.Module, height: int, width: int) -> int:
+        """Tokens the LM gets for one ``height x width`` image (before the processor's resize)."""
+        vc = model.config.vision_config
+        n = anyres_token_count(int(height), int(width), model.config.image_grid_pinpoints, int(vc.image_size), self.tower_grid(model))
+        return n + (1 if model.config.vision_feature_select_strategy == "full" else 0)
+
+    def num_image_tokens(self, model: nn.Module) -> int:
+        """Tokens for a square image of the tower's own size (the reference count in ``mgll_swap.json``)."""
+        s = int(model.config.vision_config.image_size)
+        return self.image_tokens(model, s, s)
+
+    def check_fit(self, model: nn.Module) -> None:
+        width, expects = self.tower_feature_width(model), self.projector_in_features(model)
+        if width != expects:
+            raise ShapeMismatch(
+                f"width mismatch: the projector expects {expects}-wide vision features but the tower gives {width} "
+                f"(hidden_size {model.config.vision_config.hidden_size} x {len(self._layers(model))} selected layers)"
+            )
+        newline, lm = int(model.model.image_newline.shape[0]), int(model.config.text_config.hidden_size)
+        if newline != lm:
+            raise ShapeMismatch(f"width mismatch: image_newline is {newline}-wide but the LM takes {lm}")
+        size = int(model.config.vision_config.image_size)
+        rescale_pinpoints(model.config.image_grid_pinpoints, size, size)  # each pinpoint a whole number of tiles
+        n = int(model.config.vision_config.num_hidden_layers) + 1
+        for layer in self._layers(model):
+            if not -n <= layer < n:
+                raise ShapeMismatch(
+                    f"vision_feature_layer={layer} does not exist in a {n - 1}-block tower (hidden-state indices {-n}..{n - 1})"
+                )
+
+    @staticmethod
+    def _layers(model: nn.Module) -> list[int]:
+        layer = model.config.vision_feature_layer
+        return [layer] if isinstance(layer, int) else list(layer)
+
+    def tower_spec(self, model: nn.Module) -> dict[str, Any]:
+        spec = super().tower_spec(model)
+        spec["image_grid_pinpoints"] = [list(p) for p in model.config.image_grid_pinpoints]
+        spec["tokens_per_tile"] = self.tower_grid(model) ** 2
+        return spec
+
+    # -- swap ----------------------------------------------------------------------------------
+    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
+        """MGLL ViT as the tower, pinpoints rescaled to the MGLL tile size, fresh projector; ``image_newline`` kept."""
+        from transformers import LlavaNextForConditionalGeneration
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
+
+        if projector_init not in PROJECTOR_INITS:
+            raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(PROJECTOR_INITS)}")
+        if not isinstance(model, LlavaNextForConditionalGeneration):
+            raise TypeError(f"llava_next host needs a LlavaNextForConditionalGeneration, got {type(model).__name__}")
+        old = self.projector(model).linear_1.weight
+        dtype, device = old.dtype, old.device
+        new_vc = clip_vision_config(encoder)
+        pinpoints = rescale_pinpoints(model.config.image_grid_pinpoints, int(model.config.vision_config.image_size), int(new_vc.image_size))
+        tower = to_hf_clip_vision(encoder, with_projection=False).to(device=device, dtype=dtype)
+        model.config.vision_config = new_vc
+        model.model.config.vision_config = new_vc
+        model.config.image_grid_pinpoints = pinpoints
+        model.model.config.image_grid_pinpoints = pinpoints
+        model.model.vision_tower = tower
+        if projector_init != "keep":
+            projector = LlavaNextMultiModalProjector(model.config).to(device=device, dtype=dtype)
+            if projector_init == "zero":
+                self._zero_init(model, projector)
+            model.model.multi_modal_projector = projector
+        self.check_fit(model)
+        return model
+
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
+        """A ``LlavaNextProcessor`` tiling at the MGLL image size with the encoder's resize and normalisation."""
+        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+        from mgll.adapters.vision_tower import preprocess_cfg_of
+
+        if tokenizer is None and processor is not None:
+            tokenizer = processor.tokenizer
+        if tokenizer is None:
+            raise ValueError("the MLLM folder has neither a processor nor a tokenizer; cannot build the image prompt")
+        pre = preprocess_cfg_of(encoder)
+        s = int(model.config.vision_config.image_size)
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": s},
+            crop_size={"height": s, "width": s},
+            image_grid_pinpoints=[list(p) for p in model.config.image_grid_pinpoints],
+            resample={"bicubic": 3, "bilinear": 2, "nearest": 0}.get(pre.get("interpolation", "bicubic"), 3),
+            image_mean=list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+            image_std=list(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        )
+        chat_template = getattr(processor, "chat_template", None) if processor is not None else None
+        return LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=int(model.config.vision_config.patch_size),
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,  # the class token, dropped again under "default"
+            chat_template=chat_template,
+            image_token=getattr(processor, "image_token", "<image>") if processor is not None else "<image>",
+        )
+
+    # -- alignment batches ---------------------------------------------------------------------
+    def build_batch(
+        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """``[bos] <image>*N_i prompt target [eos]`` with ``N_i`` from image ``i``'s own size; loss on the target."""
+        tok = processor.tokenizer
+        image_id = int(model.config.image_token_id)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        vis = processor.image_processor(images, return_tensors="pt")
+        rows, labels = [], []
+        for (h, w), prompt, target in zip(vis["image_sizes"].tolist(), prompts, targets):
+            head = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [image_id] * self.image_tokens(model, h, w)
+            head += tok(prompt, add_special_tokens=False)["input_ids"]
+            tail = tok(target, add_special_tokens=False)["input_ids"]
+            if tok.eos_token_id is not None:
+                tail = tail + [tok.eos_token_id]
+            rows.append(head + tail)
+            labels.append([-100] * len(head) + tail)
+        input_ids, mask, label_t = pad_batch(rows, labels, pad)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+                "pixel_values": vis["pixel_values"], "image_sizes": vis["image_sizes"]}
