@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mgll.mllm_eval.cli import register as register_mcq
 
     register_mcq(sub)
+
+    from mgll.demo.cli import register as register_demo
+
+    register_demo(sub)
     return parser
 
 

@@ -2,6 +2,6 @@
 # Create or update .venv, then run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=${EXTRAS:-dev,dicom,fundus,mllm,quant} bash scripts/setup.sh
+EXTRAS=${EXTRAS:-dev,dicom,fundus,mllm,quant,demo,deepspeed} bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest -q "$@"
