@@ -34,6 +34,8 @@ def swap_model(host: str, model: nn.Module, encoder: nn.Module, projector_init: 
 
 
 def _load_mllm(host, mllm: str | os.PathLike, dtype: torch.dtype | None):
+    if hasattr(host, "load_source"):  # MLLMs that are not transformers folders (OpenFlamingo)
+        return host.load_source(mllm, dtype)
     kw: dict[str, Any] = {}
     if dtype is not None:
         kw["dtype"] = dtype

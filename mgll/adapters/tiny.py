@@ -23,6 +23,7 @@ __all__ = [
     "make_tiny_llava_next",
     "make_tiny_internvl",
     "make_tiny_janus",
+    "make_tiny_flamingo",
     "SPECIAL_TOKENS",
 ]
 
@@ -440,3 +441,72 @@ def make_tiny_janus(
         num_image_tokens=grid * grid,
     )
     return _save(model, processor, out)
+
+
+def make_tiny_flamingo(
+    out: str | os.PathLike,
+    texts: Iterable[str],
+    vision_width: int = 32,
+    image_size: int = 32,
+    patch_size: int = 8,
+    text_width: int = 64,
+    layers: int = 2,
+    cross_attn_every_n_layers: int = 1,
+    num_latents: int = 8,
+    perceiver_depth: int = 2,
+    gate: float = 0.5,
+    weights: str = "pt",
+    seed: int = 0,
+) -> Path:
+    """Save a random-init OpenFlamingo source folder laid out like an assembled Med-Flamingo download.
+
+    ``lm/`` is a stock Llama folder whose tokenizer already knows ``<image>`` / ``<|endofchunk|>``;
+    ``flamingo_config.json`` names the open_clip ViT by ``model_cfg`` and the checkpoint holds the
+    tower, Perceiver and gated cross-attention under OpenFlamingo's own key names (``weights="pt"``:
+    ``checkpoint.pt`` as OpenFlamingo saves it, ``"safetensors"``: ``flamingo.safetensors``). The
+    gates are set to ``tanh(gate)``-open values: a fresh OpenFlamingo's gates are 0 (images have no
+    effect) while a trained one's are not.
+    """
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from mgll.adapters.flamingo import FLAMINGO_CONFIG, LM_DIR, OWN_PREFIXES, load_flamingo
+    from mgll.adapters.flamingo_processor import EOC_TOKEN
+    from mgll.io import atomic_write_json
+
+    if weights not in ("pt", "safetensors"):
+        raise ValueError(f"weights={weights!r}: expected 'pt' or 'safetensors'")
+    tok = build_word_tokenizer(texts, {"eoc_token": EOC_TOKEN}, image_token_attr=False)
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(_tiny_llama_config(tok, text_width, layers)).eval()
+    cfg = {
+        "lang_encoder": LM_DIR,
+        "vision_encoder": {"model_cfg": {"embed_dim": 16, "vision_cfg": {
+            "width": vision_width, "layers": layers, "head_width": vision_width // 2,
+            "image_size": image_size, "patch_size": patch_size}}},
+        "cross_attn_every_n_layers": cross_attn_every_n_layers,
+        "perceiver": {"depth": perceiver_depth, "num_latents": num_latents, "dim_head": 16, "heads": 2},
+    }
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        lm.save_pretrained(tmp / LM_DIR)
+        tok.save_pretrained(tmp / LM_DIR)
+        atomic_write_json(tmp / FLAMINGO_CONFIG, cfg)  # no checkpoint yet: every Flamingo part random-init
+        torch.manual_seed(seed + 1)
+        model, _ = load_flamingo(tmp)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("attn_gate", "ff_gate")):
+                    p.fill_(gate)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if k.startswith(OWN_PREFIXES) or ".gated_cross_attn_layer." in k}  # both of OpenFlamingo's names
+        for k, v in model.lang_encoder.model.layers[0].decoder_layer.state_dict().items():  # its third name for LM blocks
+            state[f"lang_encoder.old_decoder_blocks.0.{k}"] = v.contiguous()
+        if weights == "pt":
+            torch.save(state, tmp / "checkpoint.pt")
+            cfg["checkpoint"] = "checkpoint.pt"
+        else:
+            save_file({k: v for k, v in state.items() if k.startswith(OWN_PREFIXES)}, str(tmp / "flamingo.safetensors"))
+            cfg["checkpoint"] = "flamingo.safetensors"
+        atomic_write_json(tmp / FLAMINGO_CONFIG, cfg)
+    return out

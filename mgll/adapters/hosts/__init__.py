@@ -40,4 +40,5 @@ from mgll.adapters.hosts import internvl as _internvl  # noqa: E402,F401
 from mgll.adapters.hosts import janus as _janus  # noqa: E402,F401
 from mgll.adapters.hosts import llava as _llava  # noqa: E402,F401
 from mgll.adapters.hosts import llava_next as _llava_next  # noqa: E402,F401
+from mgll.adapters.hosts import medflamingo as _medflamingo  # noqa: E402,F401
 from mgll.adapters.hosts import qwen2_vl as _qwen2_vl  # noqa: E402,F401
