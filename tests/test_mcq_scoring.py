@@ -1,5 +1,6 @@
 """loglik with a reused prefix cache equals one full forward per option; runs resume; generate extracts."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,7 +9,14 @@ import torch
 from PIL import Image
 
 import mgll.mllm_eval.scoring as scoring
-from mgll.adapters.tiny import make_tiny_instructblip, make_tiny_llava, make_tiny_qwen2_vl
+from mgll.adapters.tiny import (
+    make_tiny_instructblip,
+    make_tiny_internvl,
+    make_tiny_janus,
+    make_tiny_llava,
+    make_tiny_llava_next,
+    make_tiny_qwen2_vl,
+)
 from mgll.data import FUNDUS_DISEASES, make_synthetic
 from mgll.mllm_eval.extract import extract_answer
 from mgll.mllm_eval.question_bank import QUESTION, build_bank
@@ -27,7 +35,10 @@ from mgll.mllm_eval.scoring import (
 torch.set_num_threads(1)
 
 WORDS = [QUESTION, " ".join(FUNDUS_DISEASES), "a b c d . answer with the option's letter from the given choices directly user assistant :"]
-MAKERS = {"llava": make_tiny_llava, "qwen2_vl": make_tiny_qwen2_vl, "instructblip": make_tiny_instructblip}
+MAKERS = {
+    "llava": make_tiny_llava, "qwen2_vl": make_tiny_qwen2_vl, "instructblip": make_tiny_instructblip,
+    "llava_next": make_tiny_llava_next, "internvl": make_tiny_internvl, "janus": make_tiny_janus,
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +67,7 @@ def _prefix_and_options(host, processor, options, seed=0):
     return prefix, ids
 
 
-@pytest.mark.parametrize("host", ["llava", "qwen2_vl", "instructblip"])
+@pytest.mark.parametrize("host", ["llava", "qwen2_vl", "instructblip", "llava_next", "internvl", "janus"])
 def test_cached_batched_loglik_equals_one_forward_per_option(host, root, llava):
     if host == "llava":
         model, processor = llava
@@ -145,3 +156,27 @@ def test_prompt_uses_the_processors_chat_template_when_it_has_one(llava):
         assert build_prompt("llava", processor, "Q?") == "<s>[user] <image> Q? [assistant]"
     finally:
         processor.chat_template = old
+
+
+def test_medflamingo_loglik_equals_one_forward_per_option_and_runs_a_bank(bank, root):
+    pytest.importorskip("open_flamingo", reason="run scripts/install_open_flamingo.sh")
+    from mgll.adapters.swap import swap
+    from mgll.adapters.tiny import make_tiny_flamingo
+    from mgll.encoder.factory import create_encoder, save_encoder
+
+    make_tiny_flamingo(root / "flamingo-src", WORDS, vision_width=32, image_size=32, patch_size=8, num_latents=8)
+    torch.manual_seed(0)
+    enc, _, _, _, name = create_encoder("mgll-tiny-vit")
+    save_encoder(enc, root / "flamingo-enc", name)
+    swap("medflamingo", root / "flamingo-src", root / "flamingo-enc", root / "flamingo", seed=0)
+    model, processor = load_model("medflamingo", root / "flamingo")
+    for seed, options in enumerate([FUNDUS_DISEASES[:4], FUNDUS_DISEASES[6:10]]):
+        prefix, ids = _prefix_and_options("medflamingo", processor, list(options), seed)
+        fast = option_logliks("medflamingo", model, prefix, ids, pad_id=processor.tokenizer.pad_token_id)
+        slow = naive_option_logliks(model, prefix, ids)
+        torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
+        assert len(set(fast.tolist())) == len(options)
+    small = dataclasses.replace(bank, questions=bank.questions[:3])
+    res = run_bank(small, "medflamingo", model, processor, root / "flamingo-run", progress=False)
+    n_variants = sum(len(q.variants(True)) for q in small.questions)
+    assert res["run"]["scored_now"] == n_variants == len(read_answers(root / "flamingo-run"))

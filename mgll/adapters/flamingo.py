@@ -286,6 +286,48 @@ def flamingo_class():
                 lm._use_cached_vision_x = False
             return seq
 
+        @torch.no_grad()
+        def option_logliks(self, prefix: dict, option_ids: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+            """``mgll mcq``'s ``loglik`` for Flamingo: the prompt (image included) runs once, its KV cache
+            and image conditioning are repeated for the options, which then run as one right-padded batch.
+
+            The gated cross-attention of an option token attends to the last image of the prompt, as
+            every token after it does in a full forward, so the scores equal one forward per option.
+            """
+            vision_x = as_vision_x(prefix.get("pixel_values"))
+            seq = prefix["input_ids"]
+            if vision_x is None or seq.shape[0] != 1:
+                raise ValueError("option_logliks needs one prompt with its pixel_values")
+            k, width = len(option_ids), max(len(o) for o in option_ids)
+            lm = self.lang_encoder
+            lm._use_cached_vision_x = True
+            try:
+                self._encode_vision_x(vision_x)
+                out = lm(input_ids=seq, attention_mask=prefix.get("attention_mask"), use_cache=True)
+                first = out.logits[:, -1:].float()
+                cache = out["cache"] if "cache" in out else out.get("past_key_values")
+                cache.batch_repeat_interleave(k)
+                for layer in lm._get_decoder_layers():
+                    layer.condition_vis_x(layer.vis_x.repeat_interleave(k, 0))
+                    layer.condition_media_locations(layer.media_locations.repeat_interleave(k, 0))
+                ids = torch.full((k, width), pad_id, dtype=torch.long, device=seq.device)
+                mask = torch.zeros((k, width), dtype=torch.bool, device=seq.device)
+                for i, o in enumerate(option_ids):
+                    ids[i, : len(o)] = torch.tensor(o, device=seq.device)
+                    mask[i, : len(o)] = True
+                logits = first.expand(k, 1, -1)
+                if width > 1:
+                    # the mixin needs a mask; all ones: the pads sit after every real token (causal)
+                    full = torch.ones((k, seq.shape[1] + width - 1), dtype=torch.long, device=seq.device)
+                    rest = lm(input_ids=ids[:, :-1], attention_mask=full, use_cache=True,
+                              **{_cache_kwarg(lm): cache}).logits.float()
+                    logits = torch.cat([logits, rest], dim=1)
+            finally:
+                lm.clear_conditioned_layers()
+                lm._use_cached_vision_x = False
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            return (logp * mask).sum(dim=1).cpu()
+
         # -- save ------------------------------------------------------------------------------
         def own_state_dict(self) -> dict[str, torch.Tensor]:
             """Tower, bridge, Perceiver and gated cross-attention (one name each); the LM is saved on its own."""

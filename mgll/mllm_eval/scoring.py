@@ -77,6 +77,8 @@ def build_prompt(host: str, processor: Any, text: str) -> str:
     image_token = getattr(processor, "image_token", None) or "<image>"
     if host == "instructblip":
         return f"{text}\nAnswer:"
+    if host == "medflamingo":  # OpenFlamingo's few-shot VQA format
+        return f"{image_token}Question: {text} Answer:"
     if host == "qwen2_vl":
         return f"{image_token}\n{text}\nAnswer:"
     return f"USER: {image_token}\n{text}\nASSISTANT:"
@@ -137,6 +139,8 @@ def option_logliks(host: str, model, prefix: dict, option_ids: list[list[int]], 
     """
     k = len(option_ids)
     model = _base(model)
+    if hasattr(model, "option_logliks"):  # models whose image conditioning lives outside the KV cache (Flamingo)
+        return model.option_logliks(prefix, option_ids, pad_id=pad_id)
     out = model(**prefix, use_cache=True, **_keep_last_logit_kw(model))
     first = out.logits[:, -1:].float()  # predicts each option's first token
     cache = _cache_of(out)
