@@ -166,3 +166,23 @@ def test_lora_targets_and_unquantised_modules_stay_off_the_tower(built):
     assert any(n.startswith("model.vision_tower.") and n.endswith("q_proj") for n in names)
     assert host.unquantised_modules() == ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
     assert all(p in names for p in host.unquantised_modules())
+
+
+def test_qlora_stage2_quantises_only_the_lm(built):
+    bnb = pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from mgll.adapters.align import _load_model
+
+    root, *_ = built
+    cfg = AlignConfig(model=str(root / "swapped"), data=str(root / "data"), out=str(root / "qlora"), stage=2, qlora=True,
+                      split=None, levels=LEVELS, steps=2, batch_size=2, lr=1e-2)
+    model = _load_model(cfg, get_host("llava_next"), torch.device("cpu"))
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert any(k is bnb.nn.Linear4bit for n, k in kinds.items() if n.startswith("model.language_model."))
+    assert all(k is torch.nn.Linear for n, k in kinds.items() if not n.startswith("model.language_model."))
+    align(cfg, progress=False)
+    saved = load_file(str(root / "qlora" / "adapter" / "adapter_model.safetensors"))
+    assert saved and all("language_model" in k and "lora_" in k for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
