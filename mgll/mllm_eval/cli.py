@@ -82,7 +82,9 @@ def register(sub) -> None:
     b.set_defaults(func=_cmd_build)
 
     r = mcq.add_parser("run", help="score a question bank on an MLLM (base or swapped); resumes an interrupted run")
-    r.add_argument("--host", required=True, help="host family (llava, qwen2_vl, instructblip)")
+    from mgll.adapters.hosts import list_hosts
+
+    r.add_argument("--host", required=True, help=f"host family: {', '.join(list_hosts())}")
     r.add_argument("--model", required=True, help="model folder: a host checkpoint or a folder written by `mgll swap`")
     r.add_argument("--align", default=None, help="alignment run folder (`mgll align --out`) to attach to a swap folder")
     r.add_argument("--bank", required=True, help="question bank written by `mgll mcq build`")
