@@ -15,10 +15,10 @@ option) must be identical and the log-likelihoods equal to 1e-4, or the script f
 from __future__ import annotations
 
 import argparse
-import statistics
 import datetime
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time

@@ -32,6 +32,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"loss.name={args.loss}")
     if args.model:
         overrides.append(f"model.name={args.model}")
+    if args.deepspeed:
+        overrides.append(f"deepspeed={args.deepspeed}")
     cfg = load_config(args.config, overrides)
     run = train(cfg, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=["clip", "siglip", "mgll"], help="overrides loss.name")
     p.add_argument("--model", help="encoder architecture, mgll config or saved encoder (overrides model.name)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.lr=1e-3 (repeatable)")
+    p.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed ZeRO config, e.g. configs/deepspeed/zero2.json (overrides the deepspeed key)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)

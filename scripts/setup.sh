@@ -14,4 +14,11 @@ if ! .venv/bin/python -c "import torch, torchvision; torchvision.ops.nms" >/dev/
   .venv/bin/python -m pip install torch torchvision
 fi
 .venv/bin/python -m pip install --quiet -e ".[${EXTRAS:-dev}]"
+if .venv/bin/python -c "import deepspeed, torch, sys; sys.exit(torch.cuda.is_available())" >/dev/null 2>&1; then
+  # DeepSpeed on CPU JIT-builds a shared-memory comm op (~50 s) on first use; build it once, into the venv
+  # (scripts/test.sh and the tests point TORCH_EXTENSIONS_DIR there), so runs and tests only load it
+  DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions" .venv/bin/python -c \
+    "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || echo "warning: DeepSpeed CPU comm op did not build (gloo is used instead)"
+fi
+bash scripts/install_open_flamingo.sh  # the medflamingo host's code: pinned to torch 2.0.1 upstream, so installed --no-deps
 .venv/bin/python -c "import mgll, torch, torchvision, open_clip; print('mgll environment ready: torch', torch.__version__, '/ torchvision', torchvision.__version__, '/ open_clip', open_clip.__version__)"

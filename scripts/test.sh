@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev,dicom,fundus,mllm,quant,demo,deepspeed} bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"  # DeepSpeed's CPU comm op, prebuilt by scripts/setup.sh
 exec .venv/bin/python -m pytest -q "$@"

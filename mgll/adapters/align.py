@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class AlignConfig:
     qlora: bool = False
     train_tower: bool = False
     projector: str | None = None  # stage-1 projector.safetensors to start from
+    deepspeed: str | None = None  # DeepSpeed JSON (configs/deepspeed/zero3.json); "auto" values come from here
     precision: str = "fp32"
     num_workers: int = 0
     seed: int = 0
@@ -174,32 +176,70 @@ def _base(model):
 def _save_checkpoint(path: Path, cfg: AlignConfig, host, model, optimizer, scheduler, step: int, losses: list[float]) -> None:
     with atomic_path(path) as tmp:
         tmp.mkdir(parents=True)
-        save_projector(_base(model), cfg_host(cfg), tmp / PROJECTOR_FILE)
-        if cfg.stage == 2:
-            model.save_pretrained(tmp / ADAPTER_DIR)
-        if cfg.train_tower:
-            from safetensors.torch import save_file
+        _write_weights(tmp, cfg, host, model)
+        _write_state(tmp, cfg, step, losses, scheduler, optimizer)
 
-            tower = host.tower(_base(model))
-            save_file({k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}, str(tmp / "tower.safetensors"))
-        torch.save(
-            {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "losses": losses,
-                "torch_rng": torch.get_rng_state(),
-            },
-            tmp / STATE_FILE,
-        )
-        atomic_write_json(tmp / "state.json", {"step": step, "stage": cfg.stage, "last_loss": losses[-1] if losses else None})
+
+def _write_weights(folder: Path, cfg: AlignConfig, host, model) -> None:
+    """The trained parts as their own files: projector (safetensors), LoRA adapter (peft), tower."""
+    save_projector(_base(model), cfg_host(cfg), folder / PROJECTOR_FILE)
+    if cfg.stage == 2:
+        model.save_pretrained(folder / ADAPTER_DIR)
+    if cfg.train_tower:
+        from safetensors.torch import save_file
+
+        tower = host.tower(_base(model))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}, str(folder / "tower.safetensors"))
+
+
+def _write_state(folder: Path, cfg: AlignConfig, step: int, losses: list[float], scheduler, optimizer=None) -> None:
+    """Step, schedule, losses and RNG; the optimizer too unless DeepSpeed holds it (in ``zero/``)."""
+    state = {"step": step, "scheduler": scheduler.state_dict(), "losses": losses, "torch_rng": torch.get_rng_state()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    torch.save(state, folder / STATE_FILE)
+    atomic_write_json(folder / "state.json", {"step": step, "stage": cfg.stage, "last_loss": losses[-1] if losses else None})
+
+
+def _save_zero_checkpoint(path: Path, cfg: AlignConfig, host, engine, scheduler, step: int, losses: list[float]) -> None:
+    """Collective: DeepSpeed's own checkpoint of the trained parameters (``zero/``, for resuming)
+    plus the projector / adapter consolidated from the ZeRO partitions, in one folder renamed into
+    place by rank 0 once every rank has written its part."""
+    import torch.distributed as dist
+
+    from mgll.encoder.zero import ZERO_TAG, gathered
+
+    main = dist.get_rank() == 0
+    tmp = path.with_name(f".{path.name}.tmp")
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag=ZERO_TAG, save_latest=False, exclude_frozen_parameters=True)
+    torch.save(torch.get_rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")  # LoRA dropout draws differ per rank
+    with gathered([p for p in engine.module.parameters() if p.requires_grad]):
+        if main:
+            _write_weights(tmp, cfg, host, engine.module)
+    if main:
+        _write_state(tmp, cfg, step, losses, scheduler)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    dist.barrier()
 
 
 def cfg_host(cfg: AlignConfig) -> str:
     return read_swap_spec(cfg.model)["host"]
 
 
-def _restore(path: Path, cfg: AlignConfig, host, model, optimizer, scheduler) -> tuple[int, list[float]]:
+def _read_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _restore(path: Path, cfg: AlignConfig, host, model, optimizer, scheduler) -> tuple[int, list[float], torch.Tensor]:
+    state = _read_state(path)
+    if "optimizer" not in state:
+        raise ValueError(f"{path}: written under DeepSpeed (optimizer state in zero/); resume with the same deepspeed config")
     load_projector(_base(model), cfg_host(cfg), path / PROJECTOR_FILE)
     if cfg.stage == 2:
         from peft import set_peft_model_state_dict
@@ -213,20 +253,70 @@ def _restore(path: Path, cfg: AlignConfig, host, model, optimizer, scheduler) ->
         from safetensors.torch import load_file
 
         host.tower(_base(model)).load_state_dict(load_file(str(path / "tower.safetensors")))
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"]), list(state["losses"])
+    return int(state["step"]), list(state["losses"]), state["torch_rng"]
 
 
-def align(cfg: AlignConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run stage ``cfg.stage`` and write ``out/projector.safetensors`` (+ ``out/adapter/`` in stage 2)."""
+def _restore_zero(path: Path, engine, scheduler) -> tuple[int, list[float], torch.Tensor]:
+    """Resume a DeepSpeed engine (after ``prepare``) from its ``zero/`` checkpoint."""
+    import torch.distributed as dist
+
+    from mgll.encoder.zero import ZERO_TAG
+
+    if not (path / ZERO_TAG).is_dir():
+        raise ValueError(f"{path}: not a DeepSpeed checkpoint (no {ZERO_TAG}/); resume it without deepspeed")
+    loaded, _ = engine.load_checkpoint(str(path), tag=ZERO_TAG, load_module_strict=False, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise RuntimeError(f"{path / ZERO_TAG}: DeepSpeed could not load this checkpoint")
+    state = _read_state(path)
+    scheduler.load_state_dict(state["scheduler"])
+    own = path / f"rng_rank{dist.get_rank()}.pt"  # LoRA dropout: each rank's own stream
+    rng = torch.load(own, weights_only=True) if own.is_file() else state["torch_rng"]
+    return int(state["step"]), list(state["losses"]), rng
+
+
+class _RankSlices(Sampler[list[int]]):
+    """This rank's contiguous slice of each global batch drawn by ``StepSampler``."""
+
+    def __init__(self, steps: StepSampler, rank: int, world: int):
+        if steps.bs % world:
+            raise ValueError(f"batch_size={steps.bs} is not divisible by {world} processes")
+        self.steps, self.rank, self.local = steps, rank, steps.bs // world
+
+    def __len__(self) -> int:
+        return len(self.steps) // self.steps.bs
+
+    def __iter__(self):
+        batch: list[int] = []
+        for i in self.steps:
+            batch.append(i)
+            if len(batch) == self.steps.bs:
+                yield batch[self.rank * self.local : (self.rank + 1) * self.local]
+                batch = []
+
+
+def align(
+    cfg: AlignConfig,
+    resume: bool = False,
+    progress: bool = True,
+    after_training: Callable[[Any, dict[str, torch.Tensor]], None] | None = None,
+) -> Path:
+    """Run stage ``cfg.stage`` and write ``out/projector.safetensors`` (+ ``out/adapter/`` in stage 2).
+
+    Each process takes its slice of every global batch of ``batch_size``. ``deepspeed`` (a
+    DeepSpeed JSON, or ``accelerate launch`` with one) trains under ZeRO; with ZeRO-3 the LM is
+    loaded already partitioned. ``after_training(model, batch)``, if given, is called on every
+    rank with the model as trained (a DeepSpeed engine under ZeRO) and the last batch, before
+    the engine is released: tests and benchmarks read the in-memory model through it.
+    """
+    import torch.distributed as dist
     from accelerate.utils import set_seed
     from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
     from mgll.data import load_dataset
     from mgll.encoder.trainer import make_accelerator
+    from mgll.encoder.zero import fill_auto, gathered, model_width, zero_stage
 
     if cfg.stage not in (1, 2):
         raise ValueError(f"stage={cfg.stage}: expected 1 (projector) or 2 (projector + LoRA)")
@@ -238,15 +328,22 @@ def align(cfg: AlignConfig, resume: bool = False, progress: bool = True) -> Path
         raise FileExistsError(f"{out}: already holds a finished alignment run; use resume or another --out")
     spec = read_swap_spec(cfg.model)
     host = get_host(spec["host"])
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.deepspeed)
+    zero = zero_stage(accelerator)
+    if zero is not None and cfg.qlora:
+        raise ValueError("qlora=True with deepspeed: a 4-bit bitsandbytes LM cannot be partitioned; use LoRA (stage 2) under ZeRO")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by {world} processes")
     set_seed(cfg.seed)
 
     ds = load_dataset(cfg.data)
     pairs = CaptionPairs(ds, cfg.split, cfg.levels)
     processor = AutoProcessor.from_pretrained(cfg.model)
-    model = _load_model(cfg, host, accelerator.device)
+    model = _load_model(cfg, host, accelerator.device)  # under ZeRO-3: loaded partitioned (zero.Init)
     if cfg.projector:
-        load_projector(model, spec["host"], cfg.projector)
+        with gathered(host.projector(model).parameters(), modifier_rank=0):
+            load_projector(model, spec["host"], cfg.projector)
     host.set_trainable(model, 1, cfg.train_tower)
     if cfg.stage == 2:
         model = _wrap_lora(cfg, host, model)
@@ -256,16 +353,19 @@ def align(cfg: AlignConfig, resume: bool = False, progress: bool = True) -> Path
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(cfg.steps, 1))
-    start, losses = 0, []
-    if ckpt is not None:
-        start, losses = _restore(ckpt, cfg, host, model, optimizer, scheduler)
+    start, losses, rng = 0, [], None
+    if ckpt is not None and zero is None:
+        start, losses, rng = _restore(ckpt, cfg, host, model, optimizer, scheduler)
+    if zero is not None:
+        fill_auto(accelerator, micro_batch=cfg.batch_size // world, grad_clip=cfg.grad_clip, width=model_width(_base(model)))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if ckpt is not None and zero is not None:
+        start, losses, rng = _restore_zero(ckpt, model, scheduler)
     base = _base(accelerator.unwrap_model(model))
 
     loader = DataLoader(
         pairs,
-        batch_size=cfg.batch_size,
-        sampler=StepSampler(len(pairs), cfg.batch_size, cfg.seed, start, cfg.steps),
+        batch_sampler=_RankSlices(StepSampler(len(pairs), cfg.batch_size, cfg.seed, start, cfg.steps), rank, world),
         num_workers=cfg.num_workers,
         collate_fn=_collate,
     )
@@ -277,7 +377,11 @@ def align(cfg: AlignConfig, resume: bool = False, progress: bool = True) -> Path
     metrics = [m for m in metrics if m and json.loads(m)["step"] <= start]
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or not accelerator.is_main_process, desc=f"align stage {cfg.stage}")
     step = start
-    for images, captions in loader:
+    batch: dict[str, torch.Tensor] = {}
+    batches = iter(loader)
+    if rng is not None:  # after iter(): creating the iterator draws from the global generator
+        torch.set_rng_state(rng)
+    for images, captions in batches:
         batch = host.build_batch(base, processor, images, [cfg.prompt] * len(captions), captions)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(host.tower(base).dtype)
@@ -285,26 +389,42 @@ def align(cfg: AlignConfig, resume: bool = False, progress: bool = True) -> Path
             loss = model(**batch).loss
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"step {step}: loss is {loss.item()}")
-        accelerator.backward(loss)
-        if cfg.grad_clip:
+        accelerator.backward(loss)  # under DeepSpeed this also clips and steps the optimizer
+        if cfg.grad_clip and zero is None:
             accelerator.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        losses.append(float(loss.item()))
+        global_loss = accelerator.reduce(loss.detach(), reduction="mean") if world > 1 else loss.detach()
+        losses.append(float(global_loss))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if accelerator.is_main_process and (step % max(cfg.log_every, 1) == 0 or step == cfg.steps):
             metrics.append(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}))
             atomic_write_text(metrics_path, "\n".join(metrics) + "\n")
-        if accelerator.is_main_process and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            _save_checkpoint(out / "checkpoints" / f"step-{step:07d}", cfg, host, accelerator.unwrap_model(model), optimizer, scheduler, step, losses)
-            _prune(out, cfg.keep_checkpoints)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            _checkpoint(out / "checkpoints" / f"step-{step:07d}", cfg, host, model, accelerator, zero, optimizer, scheduler, step, losses)
     bar.close()
+    final = out / "checkpoints" / f"step-{step:07d}"
+    _checkpoint(final, cfg, host, model, accelerator, zero, optimizer, scheduler, step, losses)
     if accelerator.is_main_process:
-        _finish(out, cfg, spec, host, accelerator.unwrap_model(model), optimizer, scheduler, step, losses, pairs)
+        _finish(out, cfg, spec, final, step, losses, pairs)
+    if after_training is not None:
+        after_training(model, batch)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     return out
+
+
+def _checkpoint(path, cfg, host, model, accelerator, zero, optimizer, scheduler, step, losses) -> None:
+    """Every rank calls this; without DeepSpeed only rank 0 writes."""
+    if zero is not None:
+        _save_zero_checkpoint(path, cfg, host, model, scheduler, step, losses)
+    elif accelerator.is_main_process:
+        _save_checkpoint(path, cfg, host, accelerator.unwrap_model(model), optimizer, scheduler, step, losses)
+    if accelerator.is_main_process:
+        _prune(path.parent.parent, cfg.keep_checkpoints)
 
 
 def _prune(out: Path, keep: int) -> None:
@@ -313,16 +433,16 @@ def _prune(out: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _finish(out: Path, cfg, spec, host, model, optimizer, scheduler, step, losses, pairs) -> None:
-    _save_checkpoint(out / "checkpoints" / f"step-{step:07d}", cfg, host, model, optimizer, scheduler, step, losses)
-    _prune(out, cfg.keep_checkpoints)
-    save_projector(_base(model), spec["host"], out / PROJECTOR_FILE)
+def _finish(out: Path, cfg, spec, ckpt: Path, step, losses, pairs) -> None:
+    """The final outputs are copies of the last checkpoint's weights (consolidated there under ZeRO)."""
+    with atomic_path(out / PROJECTOR_FILE) as tmp:
+        shutil.copyfile(ckpt / PROJECTOR_FILE, tmp)
     if cfg.stage == 2:
         with atomic_path(out / ADAPTER_DIR) as tmp:
-            model.save_pretrained(tmp)
+            shutil.copytree(ckpt / ADAPTER_DIR, tmp)
     if cfg.train_tower:
-        shutil.copyfile(out / "checkpoints" / f"step-{step:07d}" / "tower.safetensors", out / ".tower.tmp")
-        os.replace(out / ".tower.tmp", out / "tower.safetensors")
+        with atomic_path(out / "tower.safetensors") as tmp:
+            shutil.copyfile(ckpt / "tower.safetensors", tmp)
     k = max(1, min(5, len(losses) // 4 or 1))
     summary = {
         "stage": cfg.stage,

@@ -62,6 +62,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         seed=args.seed,
         save_every=args.save_every,
+        deepspeed=args.deepspeed,
     )
     out = align(cfg, resume=args.resume, progress=not args.no_progress)
     with open(out / "summary.json", encoding="utf-8") as f:
@@ -125,6 +126,8 @@ def register(sub) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--deepspeed", metavar="CONFIG",
+                   help="DeepSpeed JSON, e.g. configs/deepspeed/zero3.json (run under torchrun / accelerate launch / deepspeed)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_align)

@@ -4,10 +4,16 @@ A checkpoint is a folder ``checkpoints/step-000050`` written under a temporary n
 into place, then ``checkpoints/latest`` (a one-line text file) is replaced atomically, so a run
 killed at any moment leaves the previous checkpoint intact and pointed to. Nothing is unpickled
 on load: ``torch.load(weights_only=True)`` and RNG states stored as tensors and plain lists.
+
+Under DeepSpeed ZeRO the same folder also holds ``zero/``: DeepSpeed's own checkpoint (each
+rank's optimizer partition), which resumes the run as it is, next to ``model.safetensors``
+consolidated from the fp32 masters, which is what everything else reads. All ranks write into
+one temporary folder that rank 0 renames once every rank is done.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -19,7 +25,16 @@ from safetensors.torch import load_file, save_file
 
 from mgll.io import atomic_path, atomic_write_text
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "save_zero_checkpoint",
+    "load_zero_checkpoint",
+    "checkpoint_rng",
+]
 
 WEIGHTS = "model.safetensors"
 STATE = "trainer_state.pt"
@@ -104,6 +119,8 @@ def load_checkpoint(
     if missing or unexpected:
         raise RuntimeError(f"{path / WEIGHTS} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    if optimizer is not None and "optimizer" not in state:
+        raise ValueError(f"{path}: written under DeepSpeed (optimizer state in zero/); resume with the same deepspeed config")
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
@@ -111,3 +128,70 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def save_zero_checkpoint(run_dir: str | Path, step: int, engine: Any, scheduler: Any, keep: int = 2) -> Path:
+    """Collective (every rank calls it): DeepSpeed's checkpoint + consolidated safetensors, atomically."""
+    import torch.distributed as dist
+
+    from mgll.encoder.zero import ZERO_TAG, full_state_dict
+
+    main = dist.get_rank() == 0
+    ckpt_root = Path(run_dir) / "checkpoints"
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".{final.name}.tmp"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag=ZERO_TAG, save_latest=False)
+    torch.save(rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")  # each rank's own random stream
+    weights = full_state_dict(engine.module)
+    if main:
+        save_file(weights, str(tmp / WEIGHTS))
+        state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "zero": True}
+        torch.save(state, tmp / STATE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(ckpt_root / "latest", final.name + "\n")
+        _prune(ckpt_root, keep, final)
+    dist.barrier()
+    return final
+
+
+def load_zero_checkpoint(path: str | Path, engine: Any, scheduler: Any = None, restore_rng: bool = True) -> int:
+    """Resume a DeepSpeed engine (after ``prepare``) from a step folder; returns its step.
+
+    DeepSpeed reads its own files with ``torch.load`` (its format, written by this run); our
+    trainer state is read with ``weights_only=True`` as always.
+    """
+    from mgll.encoder.zero import ZERO_TAG
+
+    path = Path(path)
+    if not (path / ZERO_TAG).is_dir():
+        raise ValueError(f"{path}: not a DeepSpeed checkpoint (no {ZERO_TAG}/); resume it without --deepspeed")
+    load_path, _ = engine.load_checkpoint(str(path), tag=ZERO_TAG, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"{path / ZERO_TAG}: DeepSpeed could not load this checkpoint")
+    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        set_rng_state(checkpoint_rng(path))
+    return int(state["step"])
+
+
+def checkpoint_rng(path: str | Path) -> dict[str, Any]:
+    """This rank's RNG state at the checkpoint (its own file under ZeRO, else rank 0's).
+
+    Set it only after the DataLoader iterator exists: creating one draws a seed from the
+    global generator, which the uninterrupted run did once, before step 1.
+    """
+    import torch.distributed as dist
+
+    path = Path(path)
+    own = path / f"rng_rank{dist.get_rank() if dist.is_initialized() else 0}.pt"
+    if own.is_file():
+        return torch.load(own, map_location="cpu", weights_only=True)
+    return torch.load(path / STATE, map_location="cpu", weights_only=True)["rng"]

@@ -64,6 +64,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/encoder"
+    deepspeed: str | None = None  # DeepSpeed JSON (configs/deepspeed/zero2.json); "auto" values come from train.*
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -149,5 +150,7 @@ def _validate(cfg: RunConfig, where: str) -> None:
     for name in ("batch_size", "steps", "save_every"):
         if int(getattr(t, name)) < 1:
             raise ValueError(f"{where}: train.{name} must be >= 1, got {getattr(t, name)!r}")
+    if cfg.deepspeed is not None and not Path(cfg.deepspeed).is_file():
+        raise ValueError(f"{where}: deepspeed: {cfg.deepspeed} is not a file (see configs/deepspeed/)")
     if t.warmup_steps < 0 or t.lr <= 0:
         raise ValueError(f"{where}: train.warmup_steps must be >= 0 and train.lr > 0")

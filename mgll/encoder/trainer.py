@@ -4,10 +4,16 @@ Built on ``accelerate.Accelerator`` so ``accelerate launch`` (multi-GPU, multi-n
 configs) drives it unchanged. Data are sharded here, not by accelerate: the sampler cuts each
 global batch into per-rank slices, so the global batch, and therefore the loss, is the same on
 any number of processes and after any resume.
+
+``deepspeed: configs/deepspeed/zero2.json`` (or ``accelerate launch`` with a DeepSpeed config)
+trains under ZeRO: the loss still sees the global batch (gathered in ``ContrastiveModel``),
+checkpoints hold DeepSpeed's own state for resuming plus consolidated safetensors, and the
+final ``encoder/`` is the same open_clip folder as without DeepSpeed (see ``zero.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,11 +29,30 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mgll.data import RecordImageDataset, collate_records, load_dataset
-from mgll.encoder.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mgll.encoder.checkpoint import (
+    checkpoint_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    load_zero_checkpoint,
+    save_checkpoint,
+    save_zero_checkpoint,
+    set_rng_state,
+)
 from mgll.encoder.config import RunConfig
 from mgll.encoder.contrastive import ContrastiveModel
 from mgll.encoder.factory import create_encoder, save_encoder
 from mgll.encoder.sampler import GlobalBatchSampler, SeededItems
+from mgll.encoder.zero import (
+    clamp_parameter_,
+    deepspeed_in_env,
+    fill_auto,
+    full_state_dict,
+    logit_scale_bounds,
+    make_ds_accelerator,
+    model_width,
+    scalar_safe_broadcast,
+    zero_stage,
+)
 from mgll.io import atomic_write_json, atomic_write_text
 
 __all__ = ["train", "make_accelerator", "build_model", "build_optimizer", "build_scheduler", "mixed_precision"]
@@ -40,19 +65,23 @@ def mixed_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
-def make_accelerator(precision: str = "auto") -> Accelerator:
+def make_accelerator(precision: str = "auto", deepspeed: str | None = None) -> Accelerator:
     """accelerate's Accelerator; under torchrun on a machine with no GPU it must be told to use
-    CPU processes (gloo), or each process silently trains alone on its slice of the batch."""
+    CPU processes (gloo), or each process silently trains alone on its slice of the batch.
+    With a DeepSpeed config (argument or ``accelerate launch`` environment) it runs on DeepSpeed."""
+    if deepspeed or deepspeed_in_env():
+        return make_ds_accelerator(mixed_precision(precision), deepspeed)
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=mixed_precision(precision), cpu=multi_process and not torch.cuda.is_available())
 
 
+def _encoder_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    return {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.loss.name == "siglip" else {}
+
+
 def build_model(cfg: RunConfig, levels) -> tuple[ContrastiveModel, Any, Any, str]:
-    kwargs: dict[str, Any] = {}
-    if cfg.loss.name == "siglip":
-        kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
     encoder, preprocess_train, preprocess_val, tokenizer, name = create_encoder(
-        cfg.model.name, pretrained=cfg.model.pretrained, **kwargs
+        cfg.model.name, pretrained=cfg.model.pretrained, **_encoder_kwargs(cfg)
     )
     if cfg.model.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
@@ -110,8 +139,11 @@ def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None =
     schedule is still the one of ``train.steps``.
     """
     run_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg.train.precision)
+    accelerator = make_accelerator(cfg.train.precision, cfg.deepspeed)
     rank, world = accelerator.process_index, accelerator.num_processes
+    stage = zero_stage(accelerator)  # None without DeepSpeed
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} processes")
     set_seed(cfg.train.seed)
     if accelerator.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -129,23 +161,34 @@ def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None =
     scheduler = build_scheduler(optimizer, cfg)
     start_step = 0
     metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            start_step = load_checkpoint(ckpt, model, optimizer, scheduler)
-            if accelerator.is_main_process:
-                _truncate_metrics(metrics_path, start_step)
-                print(f"resumed from {ckpt} (step {start_step})")
-        elif accelerator.is_main_process:
-            print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
-    elif accelerator.is_main_process and metrics_path.exists():
-        metrics_path.unlink()
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None and stage is None:
+        start_step = load_checkpoint(ckpt, model, optimizer, scheduler, restore_rng=False)
+    if stage == 3 and any(p.dim() == 0 for p in model.parameters()):
+        raise ValueError(
+            f"{cfg.deepspeed or 'the accelerate DeepSpeed config'}: ZeRO-3 cannot partition open_clip's 0-dim logit_scale "
+            "(DeepSpeed views every parameter as bytes); use ZeRO-2 (configs/deepspeed/zero2.json) for encoders"
+        )
+    if stage is not None:
+        fill_auto(accelerator, micro_batch=cfg.train.batch_size // world, grad_clip=cfg.train.grad_clip, width=model_width(model))
+    with scalar_safe_broadcast(model) if stage is not None else contextlib.nullcontext():
+        model, optimizer = accelerator.prepare(model, optimizer)
+    core: ContrastiveModel = accelerator.unwrap_model(model)
+    if ckpt is not None and stage is not None:
+        start_step = load_zero_checkpoint(ckpt, model, scheduler, restore_rng=False)  # the engine: weights and optimizer partitions
+
     if accelerator.is_main_process:
+        if ckpt is not None:
+            _truncate_metrics(metrics_path, start_step)
+            print(f"resumed from {ckpt} (step {start_step})")
+        elif resume:
+            print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+        elif metrics_path.exists():
+            metrics_path.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core: ContrastiveModel = accelerator.unwrap_model(model)
+    # DeepSpeed casts the model itself under bf16/fp16 (accelerate's autocast is off there): match its inputs
+    input_dtype = next(core.parameters()).dtype if stage is not None else None
 
     sampler = GlobalBatchSampler(
         len(images), cfg.train.batch_size, cfg.train.steps, seed=cfg.train.seed, rank=rank, world_size=world, start_step=start_step
@@ -160,21 +203,28 @@ def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None =
     end_step = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start_step + max_steps_this_run)
     bar = tqdm(total=end_step - start_step, desc=f"train {cfg.loss.name}", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
     step = start_step
+    terms: dict[str, float] = {}  # stays empty when a resumed run has no step left
     model.train()
     t_last = time.perf_counter()
-    for batch_images, label_sets in loader:
+    batches = iter(loader)
+    if ckpt is not None:  # after iter(): creating the iterator draws from the global generator
+        set_rng_state(checkpoint_rng(ckpt))
+    for batch_images, label_sets in batches:
         if step >= end_step:
             break
-        batch_images = batch_images.to(accelerator.device, non_blocking=True)
+        batch_images = batch_images.to(accelerator.device, dtype=input_dtype, non_blocking=True)
         with accelerator.autocast():
             out = model(batch_images, label_sets)
-        accelerator.backward(out["loss"])
-        if cfg.train.grad_clip > 0:
+        accelerator.backward(out["loss"])  # under DeepSpeed this also clips and steps the optimizer
+        if cfg.train.grad_clip > 0 and stage is None:
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        core.clamp_logit_scale()
+        if stage is None:
+            core.clamp_logit_scale()
+        else:
+            clamp_parameter_(core.encoder.logit_scale, *logit_scale_bounds())
         step += 1
 
         terms = {k: float(v.detach()) for k, v in out.items()}
@@ -187,16 +237,32 @@ def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None =
         bar.update(1)
         if step % cfg.train.save_every == 0 or step == end_step:
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
+            if stage is not None:
+                save_zero_checkpoint(run_dir, step, model, scheduler, keep=cfg.train.keep_checkpoints)
+            elif accelerator.is_main_process:
                 save_checkpoint(run_dir, step, core, optimizer, scheduler, keep=cfg.train.keep_checkpoints)
     bar.close()
     accelerator.wait_for_everyone()
+    encoder = core.encoder
+    if stage is not None and step == cfg.train.steps:
+        encoder = _consolidated_encoder(cfg, core)  # collective; fp32 masters in a plain module
     if accelerator.is_main_process and step == cfg.train.steps:
         save_encoder(
-            core.encoder,
+            encoder,
             run_dir / "encoder",
             model_name,
             extra={"loss": cfg.loss.name, "levels": [{"name": lv.name, "template": lv.template} for lv in dataset.card.levels], "steps": step},
         )
         atomic_write_json(run_dir / "summary.json", {"steps": step, "loss": cfg.loss.name, "final": terms, "encoder": str(run_dir / "encoder")})
     return run_dir
+
+
+def _consolidated_encoder(cfg: RunConfig, core: ContrastiveModel) -> torch.nn.Module:
+    """A plain open_clip module holding the fp32 masters of a ZeRO run (every rank must call this)."""
+    state = full_state_dict(core)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        encoder, *_ = create_encoder(cfg.model.name, **_encoder_kwargs(cfg))
+        prefix = "encoder."
+        encoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+        return encoder
+    return core.encoder
