@@ -1,29 +1,26 @@
 """An MGLL tower bridged into an OpenFlamingo (Med-Flamingo) model: runs, generates, keeps the Perceiver, aligns, reloads."""
 
-import argparse
 import json
-import re
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("open_flamingo", reason="run scripts/install_open_flamingo.sh")
 
-from mgll.adapters.align import AlignConfig, align, load_aligned, record_caption  # noqa: E402
-from mgll.adapters.cli import register  # noqa: E402
+from mgll.adapters.align import load_aligned  # noqa: E402
 from mgll.adapters.flamingo import load_flamingo, make_bridge  # noqa: E402
 from mgll.adapters.hosts import ShapeMismatch, get_host, list_hosts  # noqa: E402
-from mgll.adapters.swap import load_projector, load_swapped, save_projector, swap_model  # noqa: E402
+from mgll.adapters.swap import swap_model  # noqa: E402
 from mgll.adapters.tiny import make_tiny_flamingo  # noqa: E402
-from mgll.data import make_synthetic  # noqa: E402
-from mgll.encoder.factory import create_encoder, save_encoder  # noqa: E402
+from mgll.encoder.factory import create_encoder  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+import host_checks as hc  # noqa: E402
 
 torch.set_num_threads(1)
 
-LEVELS = ["status", "disease"]
-MEAN, STD = (0.4, 0.4, 0.4), (0.2, 0.2, 0.2)
 PROMPT = "describe the image"
 KEPT = ("perceiver.", "lang_encoder.")  # everything but the tower and the bridge
 
@@ -31,26 +28,14 @@ KEPT = ("perceiver.", "lang_encoder.")  # everything but the tower and the bridg
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("flamingo")
-    ds = make_synthetic(root / "data", kind="fundus", n=16, size=64, seed=1)
-    captions = [record_caption(ds.card, r.labels, LEVELS) for r in ds.records]
+    captions = hc.synthetic_captions(root)
     make_tiny_flamingo(root / "flamingo", [*captions, PROMPT], vision_width=32, image_size=32, patch_size=8, num_latents=8)
     (root / "texts.json").write_text(json.dumps([*captions, PROMPT]))
-    torch.manual_seed(0)
-    enc, _, _, _, name = create_encoder("mgll-tiny-vit", image_mean=MEAN, image_std=STD)  # 64 px, patch 8, width 64
-    save_encoder(enc, root / "enc", name)
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["swap", "--host", "medflamingo", "--mllm", str(root / "flamingo"), "--encoder", str(root / "enc"),
-                              "--out", str(root / "swapped"), "--seed", "7"])
-    assert args.func(args) == 0
-    enc, *_ = create_encoder(str(root / "enc"))
-    model, processor = load_swapped(root / "swapped")
-    return root, enc.eval(), model.eval(), processor
+    return hc.swap_with_cli(root, "medflamingo", root / "flamingo")  # MGLL: 64 px, patch 8, width 64
 
 
 def _images(n=2, size=(80, 96)):
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)) for _ in range(n)]
+    return hc.random_images([size] * n)
 
 
 def _inputs(processor, texts=(f"<image>{PROMPT}", "<image>status: normal.")):
@@ -63,7 +48,7 @@ def test_forward_generate_and_token_count(built):
     assert "medflamingo" in list_hosts()
     inputs = _inputs(processor)
     assert inputs["pixel_values"].shape == (2, 1, 3, 64, 64)  # resized to the MGLL image size, one image per text
-    assert processor.image_processor.image_mean == pytest.approx(MEAN)
+    assert processor.image_processor.image_mean == pytest.approx(hc.MEAN)
     assert (inputs["input_ids"] == model.media_token_id).sum(1).tolist() == [1, 1]
     with torch.no_grad():
         latents = model.image_features(inputs["pixel_values"])
@@ -74,7 +59,7 @@ def test_forward_generate_and_token_count(built):
         gen = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3)
     assert gen.shape == (2, inputs["input_ids"].shape[1] + 3)
     assert torch.equal(gen[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
-    spec = json.loads((root / "swapped" / "mgll_swap.json").read_text())
+    spec = hc.read_spec(root)
     assert spec["tower"]["hidden_size"] == 64 and spec["tower"]["vis_dim"] == 32 and spec["tower"]["num_image_tokens"] == 8
     assert spec["tower"]["bridge"] == "Linear(64, 32) + LayerNorm"
 
@@ -124,11 +109,7 @@ def test_tower_is_the_mgll_vit_and_flamingo_parts_are_kept(built):
 def test_save_load_gives_identical_logits_and_both_source_formats_load(built, tmp_path):
     root, enc, loaded, processor = built
     fresh, _ = load_flamingo(root / "flamingo")
-    torch.manual_seed(7)
-    swap_model("medflamingo", fresh, enc)
-    inputs = _inputs(processor)
-    with torch.no_grad():
-        assert torch.equal(fresh(**inputs).logits, loaded(**inputs).logits)
+    hc.check_save_load_identical("medflamingo", fresh, loaded, enc, _inputs(processor))
     make_tiny_flamingo(tmp_path / "st", json.loads((root / "texts.json").read_text()), num_latents=8, weights="safetensors")
     a, _ = load_flamingo(root / "flamingo")
     b, _ = load_flamingo(tmp_path / "st")
@@ -141,9 +122,7 @@ def test_bad_folders_and_mismatches_name_the_problem(built, tmp_path):
     with pytest.raises(ShapeMismatch, match=r"32x32 px \(4x4 patches\) but the MGLL tower takes 64x64 px \(8x8 patches"):
         model(pixel_values=torch.zeros(1, 3, 32, 32), input_ids=torch.tensor([[model.media_token_id]]))
     wide = swap_model("medflamingo", load_flamingo(root / "flamingo")[0], create_encoder("mgll-small-vit")[0])  # width 128
-    save_projector(wide, "medflamingo", tmp_path / "wide.safetensors")
-    with pytest.raises(ShapeMismatch, match=r"128-wide .* gives 64"):
-        load_projector(model, "medflamingo", tmp_path / "wide.safetensors")
+    hc.check_wide_projector_rejected("medflamingo", model, wide, tmp_path)
     wide.bridge = make_bridge(128, 48)
     with pytest.raises(ShapeMismatch, match=r"Perceiver takes 32-wide features but the bridge gives 48"):
         get_host("medflamingo").check_fit(wide)
@@ -151,16 +130,8 @@ def test_bad_folders_and_mismatches_name_the_problem(built, tmp_path):
         swap_model("medflamingo", load_flamingo(root / "flamingo")[0], enc, projector_init="zero")
     with pytest.raises(TypeError, match="swap it first"):
         get_host("medflamingo").check_fit(load_flamingo(root / "flamingo")[0])
-    spec_path = root / "swapped" / "mgll_swap.json"
-    original = spec_path.read_text()
-    spec = json.loads(original)
-    spec["tower"]["hidden_size"] = 96
-    try:
-        spec_path.write_text(json.dumps(spec))
-        with pytest.raises(ShapeMismatch, match=r"tower.hidden_size=96 but the model config gives 64"):
-            load_swapped(root / "swapped", with_processor=False)
-    finally:
-        spec_path.write_text(original)
+    hc.check_edited_folder_rejected(root, "mgll_swap.json", ["tower", "hidden_size"], 96,
+                                 r"tower.hidden_size=96 but the model config gives 64")
     with pytest.raises(FileNotFoundError, match="flamingo_config.json: missing"):
         load_flamingo(tmp_path)
     state = torch.load(root / "flamingo" / "checkpoint.pt", weights_only=True)
@@ -176,53 +147,22 @@ def test_bad_folders_and_mismatches_name_the_problem(built, tmp_path):
 
 def test_stage1_moves_only_the_bridge_and_lowers_the_loss(built):
     root, *_ = built
-    out = root / "stage1"
-    align(AlignConfig(model=str(root / "swapped"), data=str(root / "data"), out=str(out), split=None, levels=LEVELS,
-                      steps=20, batch_size=4, lr=3e-2), progress=False)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["host"] == "medflamingo" and summary["steps"] == 20
-    assert summary["loss_last"] < summary["loss_first"] - 0.05, summary
-    before, _ = load_swapped(root / "swapped", with_processor=False)
-    after, _ = load_aligned(root / "swapped", out, with_processor=False)
-    changed = []
-    for (name, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items()):
-        if name.startswith("bridge."):
-            changed.append(not torch.equal(a, b))
-        else:
-            assert torch.equal(a, b), f"{name} changed in stage 1"
-    assert changed and all(changed)
+    hc.check_stage1(root, "medflamingo", "bridge.")
 
 
 def test_lora_targets_and_unquantised_modules(built):
     _, _, model, _ = built
-    host = get_host("medflamingo")
-    names = [n for n, _ in model.named_modules()]
-    targets = [n for n in names if re.fullmatch(host.lora_target_modules(), n)]
-    assert len(targets) == 2 * 7 and all(re.match(r"lang_encoder\.model\.layers\.\d\.decoder_layer\.", n) for n in targets)
-    assert any(n.startswith("vision_encoder.vit.") and n.endswith("q_proj") for n in names)
+    _, targets = hc.check_lora_targets(model, "medflamingo", r"lang_encoder\.model\.layers\.\d\.decoder_layer\.",
+                                    "vision_encoder.vit.")
     assert not any("gated_cross_attn" in n for n in targets)
-    assert all(p in names for p in host.unquantised_modules())
 
 
 def test_qlora_stage2_quantises_only_the_lm(built):
-    bnb = pytest.importorskip("bitsandbytes")
-    pytest.importorskip("peft")
-    from safetensors.torch import load_file
-
-    from mgll.adapters.align import _load_model
-
     root, *_ = built
-    cfg = AlignConfig(model=str(root / "swapped"), data=str(root / "data"), out=str(root / "qlora"), stage=2, qlora=True,
-                      split=None, levels=LEVELS, steps=2, batch_size=2, lr=1e-2)
-    model = _load_model(cfg, get_host("medflamingo"), torch.device("cpu"))
-    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert any(k is bnb.nn.Linear4bit for n, k in kinds.items() if n.startswith("lang_encoder.model.layers."))
     keep = ("vision_encoder.", "bridge.", "perceiver.", "lang_encoder.gated_cross_attn_layers.", "lang_encoder.lm_head")
-    assert all(k is torch.nn.Linear for n, k in kinds.items() if n.startswith(keep))
-    align(cfg, progress=False)
-    saved = load_file(str(root / "qlora" / "adapter" / "adapter_model.safetensors"))
-    assert saved and all("lang_encoder" in k and "lora_" in k and "gated_cross_attn" not in k for k in saved)
-    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    saved = hc.check_qlora_stage2(root, "medflamingo", "lang_encoder.model.layers.", keep=keep,
+                               adapter_key="lang_encoder")
+    assert all("gated_cross_attn" not in k for k in saved)
     aligned, _ = load_aligned(root / "swapped", root / "qlora", with_processor=False)
     assert type(aligned).__name__ == "PeftModel"
     now = {k.replace(".default", ""): v for k, v in aligned.state_dict().items() if "lora_" in k}

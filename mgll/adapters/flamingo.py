@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mgll.adapters.hosts.base import ShapeMismatch
+from mgll.adapters.hosts.base import ClipTower, ShapeMismatch
 from mgll.io import atomic_path, atomic_write_json
 
 __all__ = [
@@ -54,33 +54,15 @@ LM_DIR = "lm"
 OWN_PREFIXES = ("vision_encoder.", "bridge.", "perceiver.", "lang_encoder.gated_cross_attn_layers.")
 
 
-class MgllFlamingoTower(nn.Module):
+class MgllFlamingoTower(ClipTower):
     """open_clip's ``VisionTransformer(output_tokens=True)`` contract over an MGLL ViT as ``CLIPVisionModel``.
 
     Returns ``(class token, patch tokens)`` after the final LayerNorm, which is what Flamingo
     reads from its open_clip ViT (``vision_encoder(x)[1]``).
     """
 
-    def __init__(self, vision_config):
-        super().__init__()
-        from transformers import CLIPVisionModel
-
-        self.vit = CLIPVisionModel(vision_config)
-        self.image_size = int(vision_config.image_size)
-        self.patch_size = int(vision_config.patch_size)
-        self.grid = self.image_size // self.patch_size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vit.dtype
-
     def forward(self, pixel_values: torch.Tensor):
-        h, w = pixel_values.shape[-2:]
-        if (h, w) != (self.image_size, self.image_size):
-            raise ShapeMismatch(
-                f"grid mismatch: pixel_values are {h}x{w} px ({h // self.patch_size}x{w // self.patch_size} patches) but the "
-                f"MGLL tower takes {self.image_size}x{self.image_size} px ({self.grid}x{self.grid} patches of {self.patch_size} px)"
-            )
+        self.check_pixels(pixel_values)
         x = self.vit.post_layernorm(self.vit(pixel_values).last_hidden_state)
         return x[:, 0], x[:, 1:]
 

@@ -60,6 +60,17 @@ def build_word_tokenizer(texts: Iterable[str], extra_special: dict[str, str] | N
     )
 
 
+def _tiny_vision_config(config_class, width: int, layers: int, image_size: int, patch_size: int):
+    """A 2-head ViT config of the host's own tower class (CLIP, InstructBLIP, InternViT share these fields)."""
+    return config_class(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
 
 def _tiny_llama_config(tok, width: int, layers: int):
     """The tiny Llama LM every tiny host model uses, sized to the word tokenizer."""
@@ -79,12 +90,22 @@ def _tiny_llama_config(tok, width: int, layers: int):
     )
 
 
+def _init_model(model_class, cfg, tok, seed: int):
+    """Seeded random init in eval mode, generating with the word tokenizer's pad/eos."""
+    torch.manual_seed(seed)
+    model = model_class(cfg).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
 def _save(model, processor, out: str | os.PathLike) -> Path:
     out = Path(out)
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return out
+
 
 def make_tiny_llava(
     out: str | os.PathLike,
@@ -108,23 +129,13 @@ def make_tiny_llava(
     tok = build_word_tokenizer(texts)
     grid = image_size // patch_size
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=vision_width,
-            intermediate_size=2 * vision_width,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
+        vision_config=_tiny_vision_config(CLIPVisionConfig, vision_width, layers, image_size, patch_size),
         text_config=_tiny_llama_config(tok, text_width, layers),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_seq_length=grid * grid,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = _init_model(LlavaForConditionalGeneration, cfg, tok, seed)
     size = {"height": image_size, "width": image_size}
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=size),
@@ -183,10 +194,7 @@ def make_tiny_qwen2_vl(
         video_token_id=tok.convert_tokens_to_ids("<video>"),
         vision_start_token_id=tok.bos_token_id,
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = _init_model(Qwen2VLForConditionalGeneration, cfg, tok, seed)
     kw = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2}
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**kw)
@@ -220,14 +228,7 @@ def make_tiny_instructblip(
     tok = build_word_tokenizer(texts, image_token_attr=False)
     qtok = build_word_tokenizer(texts, image_token_attr=False)
     cfg = InstructBlipConfig(
-        vision_config=InstructBlipVisionConfig(
-            hidden_size=vision_width,
-            intermediate_size=2 * vision_width,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-        ).to_dict(),
+        vision_config=_tiny_vision_config(InstructBlipVisionConfig, vision_width, layers, image_size, patch_size).to_dict(),
         qformer_config=InstructBlipQFormerConfig(
             hidden_size=qformer_width,
             intermediate_size=2 * qformer_width,
@@ -243,10 +244,7 @@ def make_tiny_instructblip(
         num_query_tokens=num_query_tokens,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
     )
-    torch.manual_seed(seed)
-    model = InstructBlipForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = _init_model(InstructBlipForConditionalGeneration, cfg, tok, seed)
     processor = InstructBlipProcessor(
         image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
         tokenizer=tok,
@@ -254,19 +252,6 @@ def make_tiny_instructblip(
         num_query_tokens=num_query_tokens,
     )
     return _save(model, processor, out)
-
-
-def _tiny_clip_vision_config(width: int, layers: int, image_size: int, patch_size: int):
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
 
 
 def make_tiny_llava_next(
@@ -284,6 +269,7 @@ def make_tiny_llava_next(
     The pinpoints are LLaVA-1.6's 1x2, 2x1 and 2x2 tile layouts at this tower's image size.
     """
     from transformers import (
+        CLIPVisionConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
@@ -294,16 +280,13 @@ def make_tiny_llava_next(
     s = image_size
     pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
     cfg = LlavaNextConfig(
-        vision_config=_tiny_clip_vision_config(vision_width, layers, image_size, patch_size),
+        vision_config=_tiny_vision_config(CLIPVisionConfig, vision_width, layers, image_size, patch_size),
         text_config=_tiny_llama_config(tok, text_width, layers),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = _init_model(LlavaNextForConditionalGeneration, cfg, tok, seed)
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessor(
             size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=pinpoints
@@ -351,22 +334,12 @@ def make_tiny_internvl(
     tok = build_word_tokenizer(texts, dict(INTERNVL_TOKENS))
     seq = (image_size // patch_size // 2) ** 2
     cfg = InternVLConfig(
-        vision_config=InternVLVisionConfig(
-            hidden_size=vision_width,
-            intermediate_size=2 * vision_width,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
+        vision_config=_tiny_vision_config(InternVLVisionConfig, vision_width, layers, image_size, patch_size),
         text_config=_tiny_llama_config(tok, text_width, layers),
         image_token_id=tok.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"]),
         image_seq_length=seq,
     )
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = _init_model(InternVLForConditionalGeneration, cfg, tok, seed)
     size = {"height": image_size, "width": image_size}
     processor = InternVLProcessor(
         image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=max_patches),
@@ -426,10 +399,7 @@ def make_tiny_janus(
         text_config=_tiny_llama_config(tok, text_width, layers),
         image_token_id=tok.convert_tokens_to_ids(JANUS_TOKENS["image_token"]),
     )
-    torch.manual_seed(seed)
-    model = JanusForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = _init_model(JanusForConditionalGeneration, cfg, tok, seed)
     model.generation_config.bos_token_id = tok.bos_token_id
     # image generation masks the unconditional prompt down to bos + begin-of-image (as the released config)
     # (a config marked as derived from the model config drops such custom entries on load)

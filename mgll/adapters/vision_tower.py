@@ -14,13 +14,15 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import get_model_preprocess_cfg
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-__all__ = ["OpenClipVisionTower", "SELECT_FEATURES", "build_image_processor", "preprocess_cfg_of"]
+__all__ = ["OpenClipVisionTower", "SELECT_FEATURES", "build_image_processor", "preprocess_cfg_of", "norm_kwargs"]
 
 SELECT_FEATURES = ("patch", "cls_patch")
+RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL resampling ids, as transformers image processors take them
 
 
 def preprocess_cfg_of(model: nn.Module) -> dict[str, Any]:
@@ -29,6 +31,18 @@ def preprocess_cfg_of(model: nn.Module) -> dict[str, Any]:
     if hasattr(cfg, "__dataclass_fields__"):
         cfg = asdict(cfg)
     return dict(cfg)
+
+
+def norm_kwargs(preprocess_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``resample``, ``image_mean``, ``image_std`` for a host's own image processor: the encoder's, else OpenAI CLIP's.
+
+    Lenient where :func:`build_image_processor` is strict: an unknown interpolation falls back to bicubic.
+    """
+    return {
+        "resample": RESAMPLE.get(preprocess_cfg.get("interpolation", "bicubic"), 3),
+        "image_mean": list(preprocess_cfg.get("mean", OPENAI_DATASET_MEAN)),
+        "image_std": list(preprocess_cfg.get("std", OPENAI_DATASET_STD)),
+    }
 
 
 def build_image_processor(preprocess_cfg: dict[str, Any]):
@@ -46,7 +60,7 @@ def build_image_processor(preprocess_cfg: dict[str, Any]):
     if resize_mode not in ("shortest", "squash"):
         raise ValueError(f"preprocess_cfg.resize_mode={resize_mode!r}: expected 'shortest' or 'squash'")
     interpolation = preprocess_cfg.get("interpolation", "bicubic")
-    resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(interpolation)
+    resample = RESAMPLE.get(interpolation)
     if resample is None:
         raise ValueError(f"preprocess_cfg.interpolation={interpolation!r}: expected bicubic, bilinear or nearest")
     kw: dict[str, Any] = {}
@@ -62,8 +76,8 @@ def build_image_processor(preprocess_cfg: dict[str, Any]):
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=list(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-        image_std=list(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        image_mean=list(preprocess_cfg.get("mean", OPENAI_DATASET_MEAN)),
+        image_std=list(preprocess_cfg.get("std", OPENAI_DATASET_STD)),
         do_convert_rgb=True,
         **kw,
     )

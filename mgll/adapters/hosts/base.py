@@ -9,12 +9,15 @@ skip list and peft's ``modules_to_save`` need.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Host", "get_module", "ShapeMismatch"]
+__all__ = ["Host", "get_module", "ShapeMismatch", "PROJECTOR_INITS", "ClipTower", "make_swapped_class", "swapped_getattr"]
+
+PROJECTOR_INITS = ("default", "zero", "keep")
 
 
 class ShapeMismatch(ValueError):
@@ -41,6 +44,147 @@ def pad_batch(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> tu
         label_t[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(r)] = 1
     return input_ids, mask, label_t
+
+
+def check_projector_init(projector_init: str) -> None:
+    if projector_init not in PROJECTOR_INITS:
+        raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(PROJECTOR_INITS)}")
+
+
+def zero_init_last(linear: nn.Linear, embeddings: torch.Tensor) -> None:
+    """Last projector layer zero, bias = mean input embedding: image tokens start as an 'average word'.
+
+    The LM then sees in-distribution inputs at step 0 and the gradient to the earlier layers
+    flows once the last one moves off zero (LLaVA-Med's projector warm start).
+    """
+    with torch.no_grad():
+        linear.weight.zero_()
+        if linear.bias is not None:
+            linear.bias.copy_(embeddings.float().mean(0).to(linear.bias.dtype))
+
+
+def check_layer_index(name: str, layer: int, blocks: int) -> None:
+    """``layer`` must index ``output_hidden_states`` of a ``blocks``-block ViT (embeddings + one per block)."""
+    n = blocks + 1
+    if not -n <= layer < n:
+        raise ShapeMismatch(f"{name}={layer} does not exist in a {blocks}-block tower (hidden-state indices {-n}..{n - 1})")
+
+
+def vit_spec(vc, select_layer: Any) -> dict[str, Any]:
+    """The ``mgll_swap.json`` facts every CLIP-shaped tower shares, from its ``CLIPVisionConfig``."""
+    return {
+        "hidden_size": int(vc.hidden_size),
+        "image_size": int(vc.image_size),
+        "patch_size": int(vc.patch_size),
+        "grid": int(vc.image_size) // int(vc.patch_size),
+        "num_layers": int(vc.num_hidden_layers),
+        "hidden_act": vc.hidden_act,
+        "select_layer": select_layer,
+    }
+
+
+NO_TOKENIZER = "the MLLM folder has neither a processor nor a tokenizer; cannot build the image prompt"
+
+
+def resolve_tokenizer(processor: Any, tokenizer: Any, error: str = NO_TOKENIZER) -> Any:
+    """The tokenizer given, else the source processor's; ``error`` says what the folder lacked."""
+    if tokenizer is None and processor is not None:
+        tokenizer = processor.tokenizer
+    if tokenizer is None:
+        raise ValueError(error)
+    return tokenizer
+
+
+def chat_template_of(processor: Any) -> str | None:
+    return getattr(processor, "chat_template", None) if processor is not None else None
+
+
+def bos_ids(tok) -> list[int]:
+    return [tok.bos_token_id] if tok.bos_token_id is not None else []
+
+
+def caption_batch(
+    tok, heads: list[list[int]], prompts: list[str], targets: list[str], end: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``head prompt target end`` (``end`` defaults to ``[eos]``), loss on ``target end`` only, right-padded.
+
+    ``heads`` carry each host's image-token layout; the text part is the same for every host.
+    """
+    if end is None:
+        end = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    rows, labels = [], []
+    for head, prompt, target in zip(heads, prompts, targets):
+        head = head + tok(prompt, add_special_tokens=False)["input_ids"]
+        tail = tok(target, add_special_tokens=False)["input_ids"] + end
+        rows.append(head + tail)
+        labels.append([-100] * len(head) + tail)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return pad_batch(rows, labels, pad)
+
+
+class ClipTower(nn.Module):
+    """An MGLL ViT as an exact ``CLIPVisionModel`` conversion plus its fixed grid.
+
+    Hosts whose stock tower cannot hold the MGLL weights wrap this in their own tower contract;
+    an MGLL ViT has learnt positions for one grid, so only that image size is accepted.
+    """
+
+    def __init__(self, vision_config):
+        super().__init__()
+        from transformers import CLIPVisionModel
+
+        self.vit = CLIPVisionModel(vision_config)
+        self.image_size = int(vision_config.image_size)
+        self.patch_size = int(vision_config.patch_size)
+        self.grid = self.image_size // self.patch_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vit.dtype
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        h, w = pixel_values.shape[-2:]
+        if (h, w) != (self.image_size, self.image_size):
+            raise ShapeMismatch(
+                f"grid mismatch: pixel_values are {h}x{w} px ({h // self.patch_size}x{w // self.patch_size} patches) but the "
+                f"MGLL tower takes {self.image_size}x{self.image_size} px ({self.grid}x{self.grid} patches of {self.patch_size} px)"
+            )
+
+
+def make_swapped_class(stock_name: str, new_name: str, attr_path: str, build_tower: Callable[[Any], nn.Module], module: str) -> type:
+    """``new_name``: the transformers class ``stock_name`` whose ``attr_path`` module is rebuilt from ``config.mgll_tower``.
+
+    The saved model then loads with ``from_pretrained`` of this subclass. The class is named and
+    placed as if defined in ``module`` (whose ``__getattr__`` must return it), so ``load_swapped``
+    can import it by the name in ``config.architectures`` and pickle finds it; transformers skips
+    a subclass's checkpoint key renames, so the stock class's are registered for it.
+    """
+    import transformers
+
+    stock = getattr(transformers, stock_name)
+    parent_path, _, leaf = attr_path.rpartition(".")
+
+    def __init__(self, config):
+        stock.__init__(self, config)
+        parent = get_module(self, parent_path) if parent_path else self
+        setattr(parent, leaf, build_tower(config))
+        self.post_init()
+
+    doc = f"``{stock_name}`` whose ``{attr_path}`` is rebuilt from ``config.mgll_tower``."
+    cls = type(new_name, (stock,), {"__init__": __init__, "__doc__": doc, "__module__": module, "__qualname__": new_name})
+    inherit_checkpoint_renames(cls, stock)
+    return cls
+
+
+def swapped_getattr(module: str, new_name: str, swapped_class: Callable[[], type]) -> Callable[[str], type]:
+    """A module ``__getattr__`` that builds ``new_name`` on first access (``load_swapped`` and pickle import it by name)."""
+
+    def __getattr__(name: str) -> type:
+        if name == new_name:
+            return swapped_class()
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
 
 
 def inherit_checkpoint_renames(subclass: type, stock: type) -> None:

@@ -34,40 +34,35 @@ import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import Host, ShapeMismatch, inherit_checkpoint_renames, pad_batch
+from mgll.adapters.hosts.base import (
+    ClipTower,
+    Host,
+    ShapeMismatch,
+    bos_ids,
+    caption_batch,
+    check_layer_index,
+    make_swapped_class,
+    swapped_getattr,
+    vit_spec,
+)
 
 __all__ = ["InstructBlipHost", "MgllBlipVisionTower", "swapped_class"]
 
 DEFAULT_SELECT_LAYER = -2
 
 
-class MgllBlipVisionTower(nn.Module):
+class MgllBlipVisionTower(ClipTower):
     """InstructBLIP's ``vision_model`` interface over an MGLL ViT: ``pixel_values -> (B, 1 + grid**2, encoder_hidden_size)``."""
 
     def __init__(self, vision_config, encoder_hidden_size: int, select_layer: int = DEFAULT_SELECT_LAYER):
-        super().__init__()
-        from transformers import CLIPVisionModel
-
-        self.vit = CLIPVisionModel(vision_config)
+        super().__init__(vision_config)
         self.bridge = nn.Sequential(nn.Linear(vision_config.hidden_size, encoder_hidden_size), nn.LayerNorm(encoder_hidden_size))
         self.select_layer = int(select_layer)
-        self.image_size = int(vision_config.image_size)
-        self.patch_size = int(vision_config.patch_size)
-        self.grid = self.image_size // self.patch_size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vit.dtype
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Any):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        h, w = pixel_values.shape[-2:]
-        if (h, w) != (self.image_size, self.image_size):
-            raise ShapeMismatch(
-                f"grid mismatch: pixel_values are {h}x{w} px ({h // self.patch_size}x{w // self.patch_size} patches) but the "
-                f"MGLL tower takes {self.image_size}x{self.image_size} px ({self.grid}x{self.grid} patches of {self.patch_size} px)"
-            )
+        self.check_pixels(pixel_values)
         hs = self.vit(pixel_values.to(self.dtype), output_hidden_states=True).hidden_states[self.select_layer]
         out = self.bridge(hs)
         return BaseModelOutputWithPooling(last_hidden_state=out, pooler_output=out[:, 0])
@@ -88,32 +83,13 @@ def _build_tower(config) -> MgllBlipVisionTower:
 
 @functools.cache
 def swapped_class():
-    """``MgllInstructBlipForConditionalGeneration``: ``InstructBlipForConditionalGeneration`` whose vision module is rebuilt from ``config.mgll_tower``.
-
-    Built on first use so that importing the host registry (``mgll --help``) does not import the
-    transformers model code; transformers skips a subclass's checkpoint key renames, so the stock
-    class's are registered for it here.
-    """
-    from transformers import InstructBlipForConditionalGeneration
-
-    class MgllInstructBlipForConditionalGeneration(InstructBlipForConditionalGeneration):
-        __doc__ = '``InstructBlipForConditionalGeneration`` whose ``vision_model`` is rebuilt from ``config.mgll_tower``.'
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.vision_model = _build_tower(config)
-            self.post_init()
-
-    MgllInstructBlipForConditionalGeneration.__module__ = __name__
-    MgllInstructBlipForConditionalGeneration.__qualname__ = "MgllInstructBlipForConditionalGeneration"
-    inherit_checkpoint_renames(MgllInstructBlipForConditionalGeneration, InstructBlipForConditionalGeneration)
-    return MgllInstructBlipForConditionalGeneration
+    """``MgllInstructBlipForConditionalGeneration``, built on first use so that ``mgll --help`` does not import the model code."""
+    return make_swapped_class(
+        "InstructBlipForConditionalGeneration", "MgllInstructBlipForConditionalGeneration", "vision_model", _build_tower, __name__
+    )
 
 
-def __getattr__(name: str):
-    if name == "MgllInstructBlipForConditionalGeneration":
-        return swapped_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = swapped_getattr(__name__, "MgllInstructBlipForConditionalGeneration", swapped_class)
 
 
 @register_host("instructblip")
@@ -163,21 +139,13 @@ class InstructBlipHost(Host):
             raise ShapeMismatch(
                 f"width mismatch: the Q-Former cross-attention takes {cross}-wide features but the bridge gives {out}"
             )
-        n = int(v.vit.config.num_hidden_layers) + 1
-        if not -n <= v.select_layer < n:
-            raise ShapeMismatch(f"select_layer={v.select_layer} does not exist in a {n - 1}-block tower")
+        check_layer_index("select_layer", v.select_layer, int(v.vit.config.num_hidden_layers))
 
     def tower_spec(self, model: nn.Module) -> dict[str, Any]:
         v = self._visual(model)
         vc = v.vit.config
         return {
-            "hidden_size": int(vc.hidden_size),
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "grid": v.grid,
-            "num_layers": int(vc.num_hidden_layers),
-            "hidden_act": vc.hidden_act,
-            "select_layer": v.select_layer,
+            **vit_spec(vc, v.select_layer),
             "bridge": f"Linear({vc.hidden_size}, {model.config.qformer_config.encoder_hidden_size}) + LayerNorm",
             "encoder_hidden_size": int(model.config.qformer_config.encoder_hidden_size),
             "num_image_tokens": self.num_image_tokens(model),
@@ -214,19 +182,15 @@ class InstructBlipHost(Host):
         """An ``InstructBlipProcessor`` that resizes to the MGLL image size with the encoder's normalisation."""
         from transformers import BlipImageProcessor, InstructBlipProcessor
 
-        from mgll.adapters.vision_tower import preprocess_cfg_of
+        from mgll.adapters.vision_tower import norm_kwargs, preprocess_cfg_of
 
         if processor is None or getattr(processor, "qformer_tokenizer", None) is None:
             raise ValueError("the InstructBLIP folder has no processor with a qformer_tokenizer; cannot build the prompts")
         v = self._visual(model)
-        pre = preprocess_cfg_of(encoder)
-        resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(pre.get("interpolation", "bicubic"), 3)
         image_processor = BlipImageProcessor(
             size={"height": v.image_size, "width": v.image_size},
-            resample=resample,
-            image_mean=list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-            image_std=list(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
             do_convert_rgb=True,
+            **norm_kwargs(preprocess_cfg_of(encoder)),
         )
         return InstructBlipProcessor(
             image_processor=image_processor,
@@ -242,24 +206,14 @@ class InstructBlipHost(Host):
         """``<image>*Q [bos] prompt target [eos]`` (the processor's layout) + the prompt for the Q-Former."""
         tok, qtok = processor.tokenizer, processor.qformer_tokenizer
         image_id = int(model.config.image_token_index)
-        n = self.num_image_tokens(model)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        rows, labels = [], []
-        for prompt, target in zip(prompts, targets):
-            head = [image_id] * n + ([tok.bos_token_id] if tok.bos_token_id is not None else [])
-            head += tok(prompt, add_special_tokens=False)["input_ids"]
-            tail = tok(target, add_special_tokens=False)["input_ids"]
-            if tok.eos_token_id is not None:
-                tail = tail + [tok.eos_token_id]
-            rows.append(head + tail)
-            labels.append([-100] * len(head) + tail)
-        input_ids, mask, label_t = pad_batch(rows, labels, pad)
+        head = [image_id] * self.num_image_tokens(model) + bos_ids(tok)
+        input_ids, mask, label_t = caption_batch(tok, [head] * len(prompts), prompts, targets)
         q = qtok(prompts, padding=True, return_tensors="pt")
         q_ids, q_mask = q["input_ids"], q["attention_mask"]
         if q_ids.shape[1] == 0:  # a prompt with no Q-Former tokens: one masked pad keeps the shapes valid
             qpad = qtok.pad_token_id if qtok.pad_token_id is not None else 0
-            q_ids = torch.full((len(rows), 1), qpad, dtype=torch.long)
-            q_mask = torch.zeros((len(rows), 1), dtype=torch.long)
+            q_ids = torch.full((len(input_ids), 1), qpad, dtype=torch.long)
+            q_mask = torch.zeros((len(input_ids), 1), dtype=torch.long)
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values,
                 "qformer_input_ids": q_ids, "qformer_attention_mask": q_mask}

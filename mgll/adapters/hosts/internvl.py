@@ -25,11 +25,22 @@ import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import Host, ShapeMismatch, inherit_checkpoint_renames, pad_batch
+from mgll.adapters.hosts.base import (
+    Host,
+    ShapeMismatch,
+    bos_ids,
+    caption_batch,
+    chat_template_of,
+    check_layer_index,
+    check_projector_init,
+    make_swapped_class,
+    resolve_tokenizer,
+    swapped_getattr,
+    vit_spec,
+    zero_init_last,
+)
 
 __all__ = ["InternVLHost", "swapped_class"]
-
-PROJECTOR_INITS = ("default", "zero", "keep")
 
 
 def _shuffle_scale(config) -> int:
@@ -56,31 +67,13 @@ def _build_tower(config):
 
 @functools.cache
 def swapped_class():
-    """``MgllInternVLForConditionalGeneration``: ``InternVLForConditionalGeneration`` whose tower is rebuilt from ``config.mgll_tower``.
-
-    Built on first use so that importing the host registry does not import the transformers
-    model code; the stock class's checkpoint key renames are registered for the subclass.
-    """
-    from transformers import InternVLForConditionalGeneration
-
-    class MgllInternVLForConditionalGeneration(InternVLForConditionalGeneration):
-        __doc__ = "``InternVLForConditionalGeneration`` whose ``model.vision_tower`` is rebuilt from ``config.mgll_tower``."
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.model.vision_tower = _build_tower(config)
-            self.post_init()
-
-    MgllInternVLForConditionalGeneration.__module__ = __name__
-    MgllInternVLForConditionalGeneration.__qualname__ = "MgllInternVLForConditionalGeneration"
-    inherit_checkpoint_renames(MgllInternVLForConditionalGeneration, InternVLForConditionalGeneration)
-    return MgllInternVLForConditionalGeneration
+    """``MgllInternVLForConditionalGeneration``, built on first use so that ``mgll --help`` does not import the model code."""
+    return make_swapped_class(
+        "InternVLForConditionalGeneration", "MgllInternVLForConditionalGeneration", "model.vision_tower", _build_tower, __name__
+    )
 
 
-def __getattr__(name: str):
-    if name == "MgllInternVLForConditionalGeneration":
-        return swapped_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = swapped_getattr(__name__, "MgllInternVLForConditionalGeneration", swapped_class)
 
 
 @register_host("internvl")
@@ -148,21 +141,11 @@ class InternVLHost(Host):
                 f"grid mismatch: the LM expects image_seq_length={seq} image tokens per tile but the tower gives {tokens} "
                 f"({g}x{g} patches / {s}x{s} pixel shuffle)"
             )
-        n = int(vc.num_hidden_layers) + 1
-        layer = _layers(model.config)[0]
-        if not -n <= layer < n:
-            raise ShapeMismatch(f"vision_feature_layer={layer} does not exist in a {n - 1}-block tower")
+        check_layer_index("vision_feature_layer", _layers(model.config)[0], int(vc.num_hidden_layers))
 
     def tower_spec(self, model: nn.Module) -> dict[str, Any]:
-        vc = self._tower(model).config
         return {
-            "hidden_size": int(vc.hidden_size),
-            "image_size": int(vc.image_size),
-            "patch_size": int(vc.patch_size),
-            "grid": self.tower_grid(model),
-            "num_layers": int(vc.num_hidden_layers),
-            "hidden_act": vc.hidden_act,
-            "select_layer": model.config.vision_feature_layer,
+            **vit_spec(self._tower(model).config, model.config.vision_feature_layer),
             "select_strategy": model.config.vision_feature_select_strategy,
             "downsample_ratio": float(model.config.downsample_ratio),
             "num_image_tokens": self.num_image_tokens(model),
@@ -177,8 +160,7 @@ class InternVLHost(Host):
 
         from mgll.adapters.export_hf import to_hf_clip_vision
 
-        if projector_init not in PROJECTOR_INITS:
-            raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(PROJECTOR_INITS)}")
+        check_projector_init(projector_init)
         if not isinstance(model, InternVLForConditionalGeneration):
             raise TypeError(f"internvl host needs an InternVLForConditionalGeneration, got {type(model).__name__}")
         ref = model.get_input_embeddings().weight
@@ -199,9 +181,7 @@ class InternVLHost(Host):
         if projector_init != "keep":
             projector = InternVLMultiModalProjector(model.config).to(device=device, dtype=dtype)
             if projector_init == "zero":
-                with torch.no_grad():
-                    projector.linear_2.weight.zero_()
-                    projector.linear_2.bias.copy_(ref.float().mean(0).to(projector.linear_2.bias.dtype))
+                zero_init_last(projector.linear_2, ref)
             model.model.multi_modal_projector = projector
         model.__class__ = swapped_class()
         model.config.architectures = [model.__class__.__name__]
@@ -215,34 +195,24 @@ class InternVLHost(Host):
         """An ``InternVLProcessor`` tiling at the MGLL image size with the encoder's normalisation."""
         from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
 
-        from mgll.adapters.vision_tower import preprocess_cfg_of
+        from mgll.adapters.vision_tower import norm_kwargs, preprocess_cfg_of
 
-        if tokenizer is None and processor is not None:
-            tokenizer = processor.tokenizer
-        if tokenizer is None:
-            raise ValueError("the MLLM folder has neither a processor nor a tokenizer; cannot build the image prompt")
+        tokenizer = resolve_tokenizer(processor, tokenizer)
         old = getattr(processor, "image_processor", None)
-        pre = preprocess_cfg_of(encoder)
         s = int(self._tower(model).config.image_size)
-        norm = {
-            "size": {"height": s, "width": s},
-            "resample": {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(pre.get("interpolation", "bicubic"), 3),
-            "image_mean": list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-            "image_std": list(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
-        }
+        norm = {"size": {"height": s, "width": s}, **norm_kwargs(preprocess_cfg_of(encoder))}
         image_processor = GotOcr2ImageProcessor(
             crop_to_patches=bool(getattr(old, "crop_to_patches", True)),
             min_patches=int(getattr(old, "min_patches", 1)),
             max_patches=int(getattr(old, "max_patches", 12)),
             **norm,
         )
-        chat_template = getattr(processor, "chat_template", None) if processor is not None else None
         return InternVLProcessor(
             image_processor=image_processor,
             tokenizer=tokenizer,
             video_processor=InternVLVideoProcessor(**norm),
             image_seq_length=self.num_image_tokens(model),
-            chat_template=chat_template,
+            chat_template=chat_template_of(processor),
         )
 
     # -- alignment batches ---------------------------------------------------------------------
@@ -253,19 +223,10 @@ class InternVLHost(Host):
         tok = processor.tokenizer
         image_id = int(model.config.image_token_id)
         seq = self.num_image_tokens(model)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         vis = processor.image_processor(images, return_tensors="pt")
         tiles = vis["num_patches"]
         tiles = tiles.tolist() if hasattr(tiles, "tolist") else list(tiles)
-        rows, labels = [], []
-        for n, prompt, target in zip(tiles, prompts, targets):
-            head = [tok.bos_token_id] if tok.bos_token_id is not None else []
-            head += [processor.start_image_token_id] + [image_id] * (seq * int(n)) + [processor.end_image_token_id]
-            head += tok(prompt, add_special_tokens=False)["input_ids"]
-            tail = tok(target, add_special_tokens=False)["input_ids"]
-            if tok.eos_token_id is not None:
-                tail = tail + [tok.eos_token_id]
-            rows.append(head + tail)
-            labels.append([-100] * len(head) + tail)
-        input_ids, mask, label_t = pad_batch(rows, labels, pad)
+        start, end = processor.start_image_token_id, processor.end_image_token_id
+        heads = [bos_ids(tok) + [start] + [image_id] * (seq * int(n)) + [end] for n in tiles]
+        input_ids, mask, label_t = caption_batch(tok, heads, prompts, targets)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": vis["pixel_values"]}

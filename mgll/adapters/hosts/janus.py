@@ -33,16 +33,29 @@ import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import Host, ShapeMismatch, inherit_checkpoint_renames, pad_batch
+from mgll.adapters.hosts.base import (
+    ClipTower,
+    Host,
+    ShapeMismatch,
+    bos_ids,
+    caption_batch,
+    chat_template_of,
+    check_layer_index,
+    check_projector_init,
+    make_swapped_class,
+    resolve_tokenizer,
+    swapped_getattr,
+    vit_spec,
+    zero_init_last,
+)
 
 __all__ = ["JanusHost", "MgllJanusVisionTower", "swapped_class"]
 
-PROJECTOR_INITS = ("default", "zero", "keep")
 DEFAULT_SELECT_LAYER = -1
 GENERATION_PATHS = ("model.vqmodel", "model.generation_embeddings", "model.generation_aligner", "model.generation_head")
 
 
-class MgllJanusVisionTower(nn.Module):
+class MgllJanusVisionTower(ClipTower):
     """Janus' ``vision_model`` interface over an MGLL ViT: ``pixel_values -> last_hidden_state (B, grid**2, D)``.
 
     ``config`` is the host's ``JanusVisionConfig``: the image-generation loop reads
@@ -50,30 +63,15 @@ class MgllJanusVisionTower(nn.Module):
     """
 
     def __init__(self, clip_config, janus_vision_config, select_layer: int = DEFAULT_SELECT_LAYER, post_norm: bool = True):
-        super().__init__()
-        from transformers import CLIPVisionModel
-
-        self.vit = CLIPVisionModel(clip_config)
+        super().__init__(clip_config)
         self.config = janus_vision_config
         self.select_layer = int(select_layer)
         self.post_norm = bool(post_norm)
-        self.image_size = int(clip_config.image_size)
-        self.patch_size = int(clip_config.patch_size)
-        self.grid = self.image_size // self.patch_size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vit.dtype
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool = True, **kwargs: Any):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        h, w = pixel_values.shape[-2:]
-        if (h, w) != (self.image_size, self.image_size):
-            raise ShapeMismatch(
-                f"grid mismatch: pixel_values are {h}x{w} px ({h // self.patch_size}x{w // self.patch_size} patches) but the "
-                f"MGLL tower takes {self.image_size}x{self.image_size} px ({self.grid}x{self.grid} patches of {self.patch_size} px)"
-            )
+        self.check_pixels(pixel_values)
         hs = self.vit(pixel_values.to(self.dtype), output_hidden_states=True).hidden_states[self.select_layer]
         if self.post_norm:
             hs = self.vit.post_layernorm(hs)
@@ -96,27 +94,13 @@ def _build_tower(config) -> MgllJanusVisionTower:
 
 @functools.cache
 def swapped_class():
-    """``MgllJanusForConditionalGeneration``: ``JanusForConditionalGeneration`` whose ``model.vision_model`` is rebuilt from ``config.mgll_tower``."""
-    from transformers import JanusForConditionalGeneration
-
-    class MgllJanusForConditionalGeneration(JanusForConditionalGeneration):
-        __doc__ = "``JanusForConditionalGeneration`` whose understanding tower is rebuilt from ``config.mgll_tower``."
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.model.vision_model = _build_tower(config)
-            self.post_init()
-
-    MgllJanusForConditionalGeneration.__module__ = __name__
-    MgllJanusForConditionalGeneration.__qualname__ = "MgllJanusForConditionalGeneration"
-    inherit_checkpoint_renames(MgllJanusForConditionalGeneration, JanusForConditionalGeneration)
-    return MgllJanusForConditionalGeneration
+    """``MgllJanusForConditionalGeneration``: the understanding tower ``model.vision_model`` rebuilt from ``config.mgll_tower``."""
+    return make_swapped_class(
+        "JanusForConditionalGeneration", "MgllJanusForConditionalGeneration", "model.vision_model", _build_tower, __name__
+    )
 
 
-def __getattr__(name: str):
-    if name == "MgllJanusForConditionalGeneration":
-        return swapped_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = swapped_getattr(__name__, "MgllJanusForConditionalGeneration", swapped_class)
 
 
 @register_host("janus")
@@ -159,21 +143,12 @@ class JanusHost(Host):
         out, lm = int(last.out_features), int(model.config.text_config.hidden_size)
         if out != lm:
             raise ShapeMismatch(f"width mismatch: the aligner gives {out}-wide tokens but the LM takes {lm}")
-        n = int(v.vit.config.num_hidden_layers) + 1
-        if not -n <= v.select_layer < n:
-            raise ShapeMismatch(f"select_layer={v.select_layer} does not exist in a {n - 1}-block tower")
+        check_layer_index("select_layer", v.select_layer, int(v.vit.config.num_hidden_layers))
 
     def tower_spec(self, model: nn.Module) -> dict[str, Any]:
         v = self._visual(model)
-        vc = v.vit.config
         return {
-            "hidden_size": int(vc.hidden_size),
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "grid": v.grid,
-            "num_layers": int(vc.num_hidden_layers),
-            "hidden_act": vc.hidden_act,
-            "select_layer": v.select_layer,
+            **vit_spec(v.vit.config, v.select_layer),
             "post_norm": v.post_norm,
             "num_image_tokens": self.num_image_tokens(model),
             "generation_image_tokens": int(model.config.vision_config.num_image_tokens),
@@ -189,8 +164,7 @@ class JanusHost(Host):
 
         from mgll.adapters.export_hf import to_hf_clip_vision
 
-        if projector_init not in PROJECTOR_INITS:
-            raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(PROJECTOR_INITS)}")
+        check_projector_init(projector_init)
         if not isinstance(model, JanusForConditionalGeneration):
             raise TypeError(f"janus host needs a JanusForConditionalGeneration, got {type(model).__name__}")
         ref = model.get_input_embeddings().weight
@@ -212,10 +186,7 @@ class JanusHost(Host):
         if projector_init != "keep":
             aligner = JanusVisionAlignerMLP(vc).to(device=device, dtype=dtype)
             if projector_init == "zero":
-                last = aligner.hidden_layers[-1] if len(aligner.hidden_layers) else aligner.fc1
-                with torch.no_grad():
-                    last.weight.zero_()
-                    last.bias.copy_(ref.float().mean(0).to(last.bias.dtype))
+                zero_init_last(aligner.hidden_layers[-1] if len(aligner.hidden_layers) else aligner.fc1, ref)
             model.model.aligner = aligner
         model.__class__ = swapped_class()
         model.config.architectures = [model.__class__.__name__]
@@ -226,25 +197,19 @@ class JanusHost(Host):
         """A ``JanusProcessor`` at the MGLL image size and statistics, with the MGLL grid's token count."""
         from transformers import JanusImageProcessor, JanusProcessor
 
-        from mgll.adapters.vision_tower import preprocess_cfg_of
+        from mgll.adapters.vision_tower import norm_kwargs, preprocess_cfg_of
 
-        if tokenizer is None and processor is not None:
-            tokenizer = processor.tokenizer
-        if tokenizer is None:
-            raise ValueError("the MLLM folder has neither a processor nor a tokenizer; cannot build the image prompt")
+        tokenizer = resolve_tokenizer(processor, tokenizer)
         v = self._visual(model)
-        pre = preprocess_cfg_of(encoder)
         image_processor = JanusImageProcessor(
             size={"height": v.image_size, "width": v.image_size},
             min_size=v.patch_size,
-            resample={"bicubic": 3, "bilinear": 2, "nearest": 0}.get(pre.get("interpolation", "bicubic"), 3),
-            image_mean=list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-            image_std=list(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
+            **norm_kwargs(preprocess_cfg_of(encoder)),
         )
         return JanusProcessor(
             image_processor=image_processor,
             tokenizer=tokenizer,
-            chat_template=getattr(processor, "chat_template", None) if processor is not None else None,
+            chat_template=chat_template_of(processor),
             use_default_system_prompt=bool(getattr(processor, "use_default_system_prompt", False)),
             num_image_tokens=self.num_image_tokens(model),
         )
@@ -257,17 +222,7 @@ class JanusHost(Host):
         tok = processor.tokenizer
         image_id = int(model.config.image_token_id)
         boi, eoi = tok.convert_tokens_to_ids(processor.image_start_token), tok.convert_tokens_to_ids(processor.image_end_token)
-        n = self.num_image_tokens(model)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        rows, labels = [], []
-        for prompt, target in zip(prompts, targets):
-            head = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [boi] + [image_id] * n + [eoi]
-            head += tok(prompt, add_special_tokens=False)["input_ids"]
-            tail = tok(target, add_special_tokens=False)["input_ids"]
-            if tok.eos_token_id is not None:
-                tail = tail + [tok.eos_token_id]
-            rows.append(head + tail)
-            labels.append([-100] * len(head) + tail)
-        input_ids, mask, label_t = pad_batch(rows, labels, pad)
+        head = bos_ids(tok) + [boi] + [image_id] * self.num_image_tokens(model) + [eoi]
+        input_ids, mask, label_t = caption_batch(tok, [head] * len(prompts), prompts, targets)
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values}

@@ -15,12 +15,22 @@ from torch import nn
 
 from mgll.adapters.export_hf import clip_vision_config, to_hf_clip_vision
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import Host, ShapeMismatch, pad_batch
+from mgll.adapters.hosts.base import (
+    PROJECTOR_INITS,
+    Host,
+    ShapeMismatch,
+    bos_ids,
+    caption_batch,
+    chat_template_of,
+    check_layer_index,
+    check_projector_init,
+    resolve_tokenizer,
+    vit_spec,
+    zero_init_last,
+)
 from mgll.adapters.vision_tower import build_image_processor, preprocess_cfg_of
 
 __all__ = ["LlavaHost", "PROJECTOR_INITS"]
-
-PROJECTOR_INITS = ("default", "zero", "keep")
 
 
 def _layers(config) -> list[int]:
@@ -52,13 +62,20 @@ class LlavaHost(Host):
     def tower_feature_width(self, model: nn.Module) -> int:
         return int(model.config.vision_config.hidden_size) * len(_layers(model.config))
 
-    def check_fit(self, model: nn.Module) -> None:
+    def _check_width(self, model: nn.Module) -> None:
         width, expects = self.tower_feature_width(model), self.projector_in_features(model)
         if width != expects:
             raise ShapeMismatch(
                 f"width mismatch: the projector expects {expects}-wide vision features but the tower gives {width} "
                 f"(hidden_size {model.config.vision_config.hidden_size} x {len(_layers(model.config))} selected layers)"
             )
+
+    def _check_layers(self, model: nn.Module) -> None:
+        for layer in _layers(model.config):
+            check_layer_index("vision_feature_layer", layer, int(model.config.vision_config.num_hidden_layers))
+
+    def check_fit(self, model: nn.Module) -> None:
+        self._check_width(model)
         tokens, seq = self.num_image_tokens(model), int(model.config.image_seq_length)
         if tokens != seq:
             g = self.tower_grid(model)
@@ -66,80 +83,63 @@ class LlavaHost(Host):
                 f"grid mismatch: the LM expects image_seq_length={seq} image tokens but the tower gives {tokens} "
                 f"({g}x{g} patches of {model.config.vision_config.patch_size}px at {model.config.vision_config.image_size}px)"
             )
-        n = int(model.config.vision_config.num_hidden_layers) + 1
-        for layer in _layers(model.config):
-            if not -n <= layer < n:
-                raise ShapeMismatch(
-                    f"vision_feature_layer={layer} does not exist in a {n - 1}-block tower (hidden-state indices {-n}..{n - 1})"
-                )
+        self._check_layers(model)
 
     def tower_spec(self, model: nn.Module) -> dict[str, Any]:
-        vc = model.config.vision_config
         return {
-            "hidden_size": int(vc.hidden_size),
-            "image_size": int(vc.image_size),
-            "patch_size": int(vc.patch_size),
-            "grid": self.tower_grid(model),
-            "num_layers": int(vc.num_hidden_layers),
-            "hidden_act": vc.hidden_act,
-            "select_layer": model.config.vision_feature_layer,
+            **vit_spec(model.config.vision_config, model.config.vision_feature_layer),
             "select_strategy": model.config.vision_feature_select_strategy,
             "num_image_tokens": self.num_image_tokens(model),
             "projector_in_features": self.projector_in_features(model),
         }
 
     # -- swap ----------------------------------------------------------------------------------
-    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
-        """Put ``encoder``'s ViT in as the tower, rebuild the projector at the new width, fix the token count."""
+    def _projector_class(self) -> type[nn.Module]:
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-        if projector_init not in PROJECTOR_INITS:
-            raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(PROJECTOR_INITS)}")
-        old_projector = self.projector(model)
-        dtype = old_projector.linear_1.weight.dtype
-        device = old_projector.linear_1.weight.device
+        return LlavaMultiModalProjector
+
+    def _put_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str) -> None:
+        """``encoder``'s ViT in as a ``CLIPVisionModel`` tower and, unless ``keep``, a fresh projector at its width."""
+        old = self.projector(model).linear_1.weight
+        dtype, device = old.dtype, old.device
         new_vc = clip_vision_config(encoder)
         tower = to_hf_clip_vision(encoder, with_projection=False).to(device=device, dtype=dtype)
         model.config.vision_config = new_vc
         model.model.config.vision_config = new_vc
         model.model.vision_tower = tower
         if projector_init != "keep":
-            projector = LlavaMultiModalProjector(model.config).to(device=device, dtype=dtype)
+            projector = self._projector_class()(model.config).to(device=device, dtype=dtype)
             if projector_init == "zero":
-                self._zero_init(model, projector)
+                zero_init_last(projector.linear_2, model.get_input_embeddings().weight)
             model.model.multi_modal_projector = projector
+
+    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
+        """Put ``encoder``'s ViT in as the tower, rebuild the projector at the new width, fix the token count."""
+        check_projector_init(projector_init)
+        self._put_tower(model, encoder, projector_init)
         model.config.image_seq_length = self.num_image_tokens(model)
         self.check_fit(model)
         return model
 
-    def _zero_init(self, model: nn.Module, projector: nn.Module) -> None:
-        """Last layer zero, bias = mean input embedding: image tokens start as an 'average word'.
-
-        The LM then sees in-distribution inputs at step 0 and the gradient to ``linear_1``
-        flows once ``linear_2`` moves off zero (LLaVA-Med's projector warm start).
-        """
-        with torch.no_grad():
-            emb = model.get_input_embeddings().weight
-            projector.linear_2.weight.zero_()
-            if projector.linear_2.bias is not None:
-                projector.linear_2.bias.copy_(emb.float().mean(0).to(projector.linear_2.bias.dtype))
-
-    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
-        """A ``LlavaProcessor`` with the MGLL encoder's resize/normalisation and the new patch size."""
+    def _processor_class(self) -> type:
         from transformers import LlavaProcessor
 
-        if tokenizer is None and processor is not None:
-            tokenizer = processor.tokenizer
-        if tokenizer is None:
-            raise ValueError("the MLLM folder has neither a processor nor a tokenizer; cannot build the image prompt")
-        chat_template = getattr(processor, "chat_template", None) if processor is not None else None
-        return LlavaProcessor(
-            image_processor=build_image_processor(preprocess_cfg_of(encoder)),
+        return LlavaProcessor
+
+    def _image_processor(self, model: nn.Module, encoder: nn.Module) -> Any:
+        return build_image_processor(preprocess_cfg_of(encoder))
+
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
+        """The host's processor with the MGLL encoder's resize/normalisation and the new patch size."""
+        tokenizer = resolve_tokenizer(processor, tokenizer)
+        return self._processor_class()(
+            image_processor=self._image_processor(model, encoder),
             tokenizer=tokenizer,
             patch_size=int(model.config.vision_config.patch_size),
             vision_feature_select_strategy=model.config.vision_feature_select_strategy,
             num_additional_image_tokens=1,  # the class token, dropped again under "default"
-            chat_template=chat_template,
+            chat_template=chat_template_of(processor),
             image_token=getattr(processor, "image_token", "<image>") if processor is not None else "<image>",
         )
 
@@ -149,18 +149,7 @@ class LlavaHost(Host):
     ) -> dict[str, torch.Tensor]:
         """``[bos] <image>*N prompt target [eos]``, loss on ``target [eos]`` only, right-padded."""
         tok = processor.tokenizer
-        image_id = int(model.config.image_token_id)
-        n = self.num_image_tokens(model)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        rows, labels = [], []
-        for prompt, target in zip(prompts, targets):
-            head = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [image_id] * n
-            head += tok(prompt, add_special_tokens=False)["input_ids"]
-            tail = tok(target, add_special_tokens=False)["input_ids"]
-            if tok.eos_token_id is not None:
-                tail = tail + [tok.eos_token_id]
-            rows.append(head + tail)
-            labels.append([-100] * len(head) + tail)
-        input_ids, mask, label_t = pad_batch(rows, labels, pad)
+        head = bos_ids(tok) + [int(model.config.image_token_id)] * self.num_image_tokens(model)
+        input_ids, mask, label_t = caption_batch(tok, [head] * len(prompts), prompts, targets)
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values}

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mgll.adapters.export_hf import clip_vision_config, to_hf_clip_vision
+from mgll.adapters.export_hf import clip_vision_config
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import ShapeMismatch, pad_batch
-from mgll.adapters.hosts.llava import PROJECTOR_INITS, LlavaHost
+from mgll.adapters.hosts.base import ShapeMismatch, bos_ids, caption_batch, check_projector_init
+from mgll.adapters.hosts.llava import LlavaHost
 
 __all__ = ["LlavaNextHost", "rescale_pinpoints", "anyres_token_count"]
 
@@ -85,28 +85,13 @@ class LlavaNextHost(LlavaHost):
         return self.image_tokens(model, s, s)
 
     def check_fit(self, model: nn.Module) -> None:
-        width, expects = self.tower_feature_width(model), self.projector_in_features(model)
-        if width != expects:
-            raise ShapeMismatch(
-                f"width mismatch: the projector expects {expects}-wide vision features but the tower gives {width} "
-                f"(hidden_size {model.config.vision_config.hidden_size} x {len(self._layers(model))} selected layers)"
-            )
+        self._check_width(model)
         newline, lm = int(model.model.image_newline.shape[0]), int(model.config.text_config.hidden_size)
         if newline != lm:
             raise ShapeMismatch(f"width mismatch: image_newline is {newline}-wide but the LM takes {lm}")
         size = int(model.config.vision_config.image_size)
         rescale_pinpoints(model.config.image_grid_pinpoints, size, size)  # each pinpoint a whole number of tiles
-        n = int(model.config.vision_config.num_hidden_layers) + 1
-        for layer in self._layers(model):
-            if not -n <= layer < n:
-                raise ShapeMismatch(
-                    f"vision_feature_layer={layer} does not exist in a {n - 1}-block tower (hidden-state indices {-n}..{n - 1})"
-                )
-
-    @staticmethod
-    def _layers(model: nn.Module) -> list[int]:
-        layer = model.config.vision_feature_layer
-        return [layer] if isinstance(layer, int) else list(layer)
+        self._check_layers(model)
 
     def tower_spec(self, model: nn.Module) -> dict[str, Any]:
         spec = super().tower_spec(model)
@@ -115,62 +100,43 @@ class LlavaNextHost(LlavaHost):
         return spec
 
     # -- swap ----------------------------------------------------------------------------------
+    def _projector_class(self) -> type[nn.Module]:
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
+
+        return LlavaNextMultiModalProjector
+
     def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
         """MGLL ViT as the tower, pinpoints rescaled to the MGLL tile size, fresh projector; ``image_newline`` kept."""
         from transformers import LlavaNextForConditionalGeneration
-        from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
 
-        if projector_init not in PROJECTOR_INITS:
-            raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(PROJECTOR_INITS)}")
+        check_projector_init(projector_init)
         if not isinstance(model, LlavaNextForConditionalGeneration):
             raise TypeError(f"llava_next host needs a LlavaNextForConditionalGeneration, got {type(model).__name__}")
-        old = self.projector(model).linear_1.weight
-        dtype, device = old.dtype, old.device
-        new_vc = clip_vision_config(encoder)
-        pinpoints = rescale_pinpoints(model.config.image_grid_pinpoints, int(model.config.vision_config.image_size), int(new_vc.image_size))
-        tower = to_hf_clip_vision(encoder, with_projection=False).to(device=device, dtype=dtype)
-        model.config.vision_config = new_vc
-        model.model.config.vision_config = new_vc
+        new_size = int(clip_vision_config(encoder).image_size)
+        pinpoints = rescale_pinpoints(model.config.image_grid_pinpoints, int(model.config.vision_config.image_size), new_size)
+        self._put_tower(model, encoder, projector_init)
         model.config.image_grid_pinpoints = pinpoints
         model.model.config.image_grid_pinpoints = pinpoints
-        model.model.vision_tower = tower
-        if projector_init != "keep":
-            projector = LlavaNextMultiModalProjector(model.config).to(device=device, dtype=dtype)
-            if projector_init == "zero":
-                self._zero_init(model, projector)
-            model.model.multi_modal_projector = projector
         self.check_fit(model)
         return model
 
-    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
-        """A ``LlavaNextProcessor`` tiling at the MGLL image size with the encoder's resize and normalisation."""
-        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+    def _processor_class(self) -> type:
+        from transformers import LlavaNextProcessor
 
-        from mgll.adapters.vision_tower import preprocess_cfg_of
+        return LlavaNextProcessor
 
-        if tokenizer is None and processor is not None:
-            tokenizer = processor.tokenizer
-        if tokenizer is None:
-            raise ValueError("the MLLM folder has neither a processor nor a tokenizer; cannot build the image prompt")
-        pre = preprocess_cfg_of(encoder)
+    def _image_processor(self, model: nn.Module, encoder: nn.Module) -> Any:
+        """Tiles at the MGLL image size with the encoder's resize and normalisation."""
+        from transformers import LlavaNextImageProcessor
+
+        from mgll.adapters.vision_tower import norm_kwargs, preprocess_cfg_of
+
         s = int(model.config.vision_config.image_size)
-        image_processor = LlavaNextImageProcessor(
+        return LlavaNextImageProcessor(
             size={"shortest_edge": s},
             crop_size={"height": s, "width": s},
             image_grid_pinpoints=[list(p) for p in model.config.image_grid_pinpoints],
-            resample={"bicubic": 3, "bilinear": 2, "nearest": 0}.get(pre.get("interpolation", "bicubic"), 3),
-            image_mean=list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-            image_std=list(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
-        )
-        chat_template = getattr(processor, "chat_template", None) if processor is not None else None
-        return LlavaNextProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=int(model.config.vision_config.patch_size),
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-            num_additional_image_tokens=1,  # the class token, dropped again under "default"
-            chat_template=chat_template,
-            image_token=getattr(processor, "image_token", "<image>") if processor is not None else "<image>",
+            **norm_kwargs(preprocess_cfg_of(encoder)),
         )
 
     # -- alignment batches ---------------------------------------------------------------------
@@ -180,17 +146,8 @@ class LlavaNextHost(LlavaHost):
         """``[bos] <image>*N_i prompt target [eos]`` with ``N_i`` from image ``i``'s own size; loss on the target."""
         tok = processor.tokenizer
         image_id = int(model.config.image_token_id)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         vis = processor.image_processor(images, return_tensors="pt")
-        rows, labels = [], []
-        for (h, w), prompt, target in zip(vis["image_sizes"].tolist(), prompts, targets):
-            head = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [image_id] * self.image_tokens(model, h, w)
-            head += tok(prompt, add_special_tokens=False)["input_ids"]
-            tail = tok(target, add_special_tokens=False)["input_ids"]
-            if tok.eos_token_id is not None:
-                tail = tail + [tok.eos_token_id]
-            rows.append(head + tail)
-            labels.append([-100] * len(head) + tail)
-        input_ids, mask, label_t = pad_batch(rows, labels, pad)
+        heads = [bos_ids(tok) + [image_id] * self.image_tokens(model, h, w) for h, w in vis["image_sizes"].tolist()]
+        input_ids, mask, label_t = caption_batch(tok, heads, prompts, targets)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
                 "pixel_values": vis["pixel_values"], "image_sizes": vis["image_sizes"]}

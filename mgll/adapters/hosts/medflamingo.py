@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import Host, ShapeMismatch, pad_batch
+from mgll.adapters.hosts.base import Host, ShapeMismatch, bos_ids, caption_batch, resolve_tokenizer
 
 __all__ = ["MedFlamingoHost", "require_open_flamingo"]
 
@@ -160,10 +160,7 @@ class MedFlamingoHost(Host):
         from mgll.adapters.flamingo_processor import EOC_TOKEN, MEDIA_TOKEN, processor_class
         from mgll.adapters.vision_tower import build_image_processor, preprocess_cfg_of
 
-        if tokenizer is None and processor is not None:
-            tokenizer = processor.tokenizer
-        if tokenizer is None:
-            raise ValueError("the Flamingo folder has no tokenizer; cannot build the prompts")
+        tokenizer = resolve_tokenizer(processor, tokenizer, "the Flamingo folder has no tokenizer; cannot build the prompts")
         m = self._model(model)
         for token, want in ((MEDIA_TOKEN, m.media_token_id), (EOC_TOKEN, m.eoc_token_id)):
             got = tokenizer.convert_tokens_to_ids(token)
@@ -178,15 +175,7 @@ class MedFlamingoHost(Host):
         """``[bos] <image> prompt target <|endofchunk|>`` (OpenFlamingo's caption layout), loss on ``target <|endofchunk|>``."""
         tok = processor.tokenizer
         m = model.get_base_model() if hasattr(model, "get_base_model") else model
-        media, eoc = int(m.media_token_id), int(m.eoc_token_id)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        rows, labels = [], []
-        for prompt, target in zip(prompts, targets):
-            head = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [media]
-            head += tok(prompt, add_special_tokens=False)["input_ids"]
-            tail = tok(target, add_special_tokens=False)["input_ids"] + [eoc]
-            rows.append(head + tail)
-            labels.append([-100] * len(head) + tail)
-        input_ids, mask, label_t = pad_batch(rows, labels, pad)
+        head = bos_ids(tok) + [int(m.media_token_id)]
+        input_ids, mask, label_t = caption_batch(tok, [head] * len(prompts), prompts, targets, end=[int(m.eoc_token_id)])
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values}

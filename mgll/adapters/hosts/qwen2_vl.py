@@ -27,11 +27,24 @@ from PIL import Image
 from torch import nn
 
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import Host, ShapeMismatch, inherit_checkpoint_renames, pad_batch
+from mgll.adapters.hosts.base import (
+    ClipTower,
+    Host,
+    ShapeMismatch,
+    bos_ids,
+    caption_batch,
+    chat_template_of,
+    check_layer_index,
+    check_projector_init,
+    make_swapped_class,
+    resolve_tokenizer,
+    swapped_getattr,
+    vit_spec,
+    zero_init_last,
+)
 
 __all__ = ["Qwen2VLHost", "MgllQwen2VisionTower", "swapped_class", "square_images"]
 
-PROJECTOR_INITS = ("default", "zero", "keep")
 DEFAULT_SELECT_LAYER = -1  # Qwen2-VL merges its last block's output; the merger brings its own LayerNorm
 
 
@@ -47,7 +60,7 @@ def square_images(images: list, size: int) -> list:
     return out
 
 
-class MgllQwen2VisionTower(nn.Module):
+class MgllQwen2VisionTower(ClipTower):
     """Qwen2-VL's visual interface (``(patches, grid_thw) -> merged tokens``) over an MGLL ViT.
 
     ``vit`` is a ``CLIPVisionModel`` (the exact conversion of the MGLL ViT), ``merger`` a Qwen2-VL
@@ -57,24 +70,15 @@ class MgllQwen2VisionTower(nn.Module):
 
     def __init__(self, vision_config, out_hidden_size: int, spatial_merge_size: int = 2,
                  temporal_patch_size: int = 2, select_layer: int = DEFAULT_SELECT_LAYER):
-        super().__init__()
-        from transformers import CLIPVisionModel
+        super().__init__(vision_config)
         from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
 
-        self.vit = CLIPVisionModel(vision_config)
         self.merger = PatchMerger(dim=out_hidden_size, context_dim=vision_config.hidden_size,
                                   spatial_merge_size=spatial_merge_size)
         self.spatial_merge_size = int(spatial_merge_size)
         self.temporal_patch_size = int(temporal_patch_size)
         self.select_layer = int(select_layer)
-        self.patch_size = int(vision_config.patch_size)
-        self.grid = int(vision_config.image_size) // self.patch_size
-        self.image_size = int(vision_config.image_size)
         self.channels = int(vision_config.num_channels)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vit.dtype
 
     @property
     def device(self) -> torch.device:
@@ -132,32 +136,13 @@ def _build_tower(config) -> MgllQwen2VisionTower:
 
 @functools.cache
 def swapped_class():
-    """``MgllQwen2VLForConditionalGeneration``: ``Qwen2VLForConditionalGeneration`` whose vision module is rebuilt from ``config.mgll_tower``.
-
-    Built on first use so that importing the host registry (``mgll --help``) does not import the
-    transformers model code; transformers skips a subclass's checkpoint key renames, so the stock
-    class's are registered for it here.
-    """
-    from transformers import Qwen2VLForConditionalGeneration
-
-    class MgllQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
-        __doc__ = '``Qwen2VLForConditionalGeneration`` whose ``model.visual`` is rebuilt from ``config.mgll_tower``.'
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.model.visual = _build_tower(config)
-            self.post_init()
-
-    MgllQwen2VLForConditionalGeneration.__module__ = __name__
-    MgllQwen2VLForConditionalGeneration.__qualname__ = "MgllQwen2VLForConditionalGeneration"
-    inherit_checkpoint_renames(MgllQwen2VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
-    return MgllQwen2VLForConditionalGeneration
+    """``MgllQwen2VLForConditionalGeneration``, built on first use so that ``mgll --help`` does not import the model code."""
+    return make_swapped_class(
+        "Qwen2VLForConditionalGeneration", "MgllQwen2VLForConditionalGeneration", "model.visual", _build_tower, __name__
+    )
 
 
-def __getattr__(name: str):
-    if name == "MgllQwen2VLForConditionalGeneration":
-        return swapped_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = swapped_getattr(__name__, "MgllQwen2VLForConditionalGeneration", swapped_class)
 
 
 @register_host("qwen2_vl")
@@ -204,21 +189,12 @@ class Qwen2VLHost(Host):
                 f"grid mismatch: the tower's {g}x{g} patch grid does not split into {m}x{m} merge windows "
                 f"(image {v.image_size}px / patch {v.patch_size}px); Qwen2-VL needs an even grid"
             )
-        n = int(v.vit.config.num_hidden_layers) + 1
-        if not -n <= v.select_layer < n:
-            raise ShapeMismatch(f"select_layer={v.select_layer} does not exist in a {n - 1}-block tower")
+        check_layer_index("select_layer", v.select_layer, int(v.vit.config.num_hidden_layers))
 
     def tower_spec(self, model: nn.Module) -> dict[str, Any]:
         v = self._visual(model)
-        vc = v.vit.config
         return {
-            "hidden_size": int(vc.hidden_size),
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "grid": v.grid,
-            "num_layers": int(vc.num_hidden_layers),
-            "hidden_act": vc.hidden_act,
-            "select_layer": v.select_layer,
+            **vit_spec(v.vit.config, v.select_layer),
             "spatial_merge_size": v.spatial_merge_size,
             "temporal_patch_size": v.temporal_patch_size,
             "num_image_tokens": self.num_image_tokens(model),
@@ -231,8 +207,7 @@ class Qwen2VLHost(Host):
         """MGLL ViT + fresh merger at the MGLL width in place of ``model.model.visual``; the class becomes the Mgll subclass."""
         from mgll.adapters.export_hf import to_hf_clip_vision
 
-        if projector_init not in PROJECTOR_INITS:
-            raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(PROJECTOR_INITS)}")
+        check_projector_init(projector_init)
         from transformers import Qwen2VLForConditionalGeneration
 
         if not isinstance(model, Qwen2VLForConditionalGeneration):
@@ -260,10 +235,7 @@ class Qwen2VLHost(Host):
                 )
             visual.merger = old_merger
         elif projector_init == "zero":
-            with torch.no_grad():
-                last = visual.merger.mlp[-1]
-                last.weight.zero_()
-                last.bias.copy_(ref.float().mean(0).to(last.bias.dtype))
+            zero_init_last(visual.merger.mlp[-1], ref)
         model.model.visual = visual.to(device=device, dtype=dtype)
         model.__class__ = swapped_class()
         model.config.architectures = [model.__class__.__name__]
@@ -274,29 +246,25 @@ class Qwen2VLHost(Host):
         """A ``Qwen2VLProcessor`` whose patch grid is the MGLL grid and whose normalisation is the encoder's."""
         from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-        from mgll.adapters.vision_tower import preprocess_cfg_of
+        from mgll.adapters.vision_tower import norm_kwargs, preprocess_cfg_of
 
-        if tokenizer is None and processor is not None:
-            tokenizer = processor.tokenizer
-        if tokenizer is None:
-            raise ValueError("the MLLM folder has neither a processor nor a tokenizer; cannot build the image prompt")
+        tokenizer = resolve_tokenizer(processor, tokenizer)
         v = self._visual(model)
-        pre = preprocess_cfg_of(encoder)
+        norm = norm_kwargs(preprocess_cfg_of(encoder))
         kw = {
             "patch_size": v.patch_size,
             "merge_size": v.spatial_merge_size,
             "temporal_patch_size": v.temporal_patch_size,
             "min_pixels": v.image_size**2,
             "max_pixels": v.image_size**2,
-            "image_mean": list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-            "image_std": list(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
+            "image_mean": norm["image_mean"],  # resample stays Qwen2-VL's own
+            "image_std": norm["image_std"],
         }
-        chat_template = getattr(processor, "chat_template", None) if processor is not None else None
         return Qwen2VLProcessor(
             image_processor=Qwen2VLImageProcessor(**kw),
             tokenizer=tokenizer,
             video_processor=Qwen2VLVideoProcessor(**kw),
-            chat_template=chat_template,
+            chat_template=chat_template_of(processor),
         )
 
     # -- alignment batches ---------------------------------------------------------------------
@@ -309,17 +277,8 @@ class Qwen2VLHost(Host):
         v = self._visual(model)
         vis = processor.image_processor(square_images(images, v.image_size), return_tensors="pt")
         n_per = (vis["image_grid_thw"].prod(-1) // v.spatial_merge_size**2).tolist()
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        rows, labels = [], []
-        for n, prompt, target in zip(n_per, prompts, targets):
-            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-            head = bos + [image_id] * int(n) + tok(prompt, add_special_tokens=False)["input_ids"]
-            tail = tok(target, add_special_tokens=False)["input_ids"]
-            if tok.eos_token_id is not None:
-                tail = tail + [tok.eos_token_id]
-            rows.append(head + tail)
-            labels.append([-100] * len(head) + tail)
-        input_ids, mask, label_t = pad_batch(rows, labels, pad)
+        heads = [bos_ids(tok) + [image_id] * int(n) for n in n_per]
+        input_ids, mask, label_t = caption_batch(tok, heads, prompts, targets)
         type_t = ((input_ids == image_id) & mask.bool()).long()  # 1 on image tokens, for M-RoPE
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "mm_token_type_ids": type_t,
                 "pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}
