@@ -49,17 +49,22 @@ __all__ = [
 
 def resolve_host(model_dir: str | os.PathLike, host: str | None = None) -> str:
     """The host family of a checkpoint: its ``mgll_swap.json``, else ``host``, else config.json's model_type."""
+    from mgll.adapters.flamingo import FLAMINGO_CONFIG
     from mgll.adapters.hosts import get_host, list_hosts
 
     d = Path(model_dir)
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{d}: no config.json; expected a transformers MLLM checkpoint folder or an `mgll swap` output")
     spec = d / "mgll_swap.json"
     if spec.is_file():
         swapped_host = json.loads(spec.read_text(encoding="utf-8"))["host"]
         if host and host != swapped_host:
             raise ValueError(f"{d}: --host {host} but its mgll_swap.json says host {swapped_host!r}")
         return swapped_host
+    if (d / FLAMINGO_CONFIG).is_file():  # an OpenFlamingo folder (Med-Flamingo), not a transformers one
+        if host and host != "medflamingo":
+            raise ValueError(f"{d}: --host {host} but it is an OpenFlamingo folder ({FLAMINGO_CONFIG}): host medflamingo")
+        return "medflamingo"
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d}: no config.json; expected a transformers MLLM checkpoint folder or an `mgll swap` output")
     if host:
         get_host(host)
         return host

@@ -239,8 +239,13 @@ def load_model(host: str, model_dir: str | os.PathLike, align_dir: str | os.Path
     else:
         if align_dir:
             raise ValueError(f"--align needs a swap folder; {model_dir} has no mgll_swap.json")
-        model = get_host(host).source_class().from_pretrained(str(model_dir), **kw)
-        processor = AutoProcessor.from_pretrained(str(model_dir))
+        h = get_host(host)
+        if hasattr(h, "load_source"):  # not a transformers folder (OpenFlamingo): the host loads it
+            model, processor, tokenizer = h.load_source(model_dir, dtype)
+            processor = processor or h.source_processor(model, tokenizer)
+        else:
+            model = h.source_class().from_pretrained(str(model_dir), **kw)
+            processor = AutoProcessor.from_pretrained(str(model_dir))
     return model.to(device).eval(), processor
 
 

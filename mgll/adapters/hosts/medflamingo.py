@@ -155,6 +155,13 @@ class MedFlamingoHost(Host):
         self.check_fit(model)
         return model
 
+    def source_processor(self, model: nn.Module, tokenizer: Any) -> Any:
+        """The unswapped model's processor (``mgll mcq`` / ``mgll demo`` base): its own open_clip ViT's preprocessing."""
+        from mgll.adapters.flamingo_processor import processor_class
+        from mgll.adapters.vision_tower import build_image_processor, preprocess_cfg_of
+
+        return processor_class()(image_processor=build_image_processor(preprocess_cfg_of(model.vision_encoder)), tokenizer=tokenizer)
+
     def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
         """An ``MgllFlamingoProcessor``: the MGLL encoder's resize/normalisation + the LM tokenizer (with ``<image>``, ``<|endofchunk|>``)."""
         from mgll.adapters.flamingo_processor import EOC_TOKEN, MEDIA_TOKEN, processor_class
