@@ -69,6 +69,8 @@ def make_accelerator(precision: str = "auto", deepspeed: str | None = None) -> A
     """accelerate's Accelerator; under torchrun on a machine with no GPU it must be told to use
     CPU processes (gloo), or each process silently trains alone on its slice of the batch.
     With a DeepSpeed config (argument or ``accelerate launch`` environment) it runs on DeepSpeed."""
+    if not torch.cuda.is_available():  # accelerate imports DeepSpeed when installed, which warns it "fell back" to CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if deepspeed or deepspeed_in_env():
         return make_ds_accelerator(mixed_precision(precision), deepspeed)
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
