@@ -33,6 +33,14 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     return mod
 
 
+def mgll_part(model: nn.Module, path: str, cls: type) -> nn.Module:
+    """The MGLL part at ``path``; anything else there means the model was never swapped."""
+    part = get_module(model, path)
+    if not isinstance(part, cls):
+        raise TypeError(f"{type(model).__name__}.{path} is a {type(part).__name__}, not an MGLL tower: swap it first")
+    return part
+
+
 def pad_batch(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad token rows into ``(input_ids, attention_mask, labels)``; padded label positions are -100."""
     width = max(len(r) for r in rows)

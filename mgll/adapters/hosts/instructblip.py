@@ -42,6 +42,7 @@ from mgll.adapters.hosts.base import (
     caption_batch,
     check_layer_index,
     make_swapped_class,
+    mgll_part,
     swapped_getattr,
     vit_spec,
 )
@@ -112,10 +113,7 @@ class InstructBlipHost(Host):
         return [*super().trainable_paths(stage, train_tower), "language_projection"]
 
     def _visual(self, model: nn.Module) -> MgllBlipVisionTower:
-        visual = model.vision_model
-        if not isinstance(visual, MgllBlipVisionTower):
-            raise TypeError(f"model.vision_model is a {type(visual).__name__}, not an MGLL tower: swap it first")
-        return visual
+        return mgll_part(model, "vision_model", MgllBlipVisionTower)
 
     def unquantised_modules(self) -> list[str]:
         """The Q-Former and the language projection are not the LM: they stay in float too."""

@@ -34,6 +34,7 @@ from mgll.adapters.hosts.base import (
     check_layer_index,
     check_projector_init,
     make_swapped_class,
+    mgll_part,
     resolve_tokenizer,
     swapped_getattr,
     vit_spec,
@@ -91,10 +92,7 @@ class InternVLHost(Host):
     def _tower(self, model: nn.Module):
         from transformers import CLIPVisionModel
 
-        tower = self.tower(model)
-        if not isinstance(tower, CLIPVisionModel):
-            raise TypeError(f"model.model.vision_tower is a {type(tower).__name__}, not an MGLL tower: swap it first")
-        return tower
+        return mgll_part(model, self.tower_path, CLIPVisionModel)
 
     # -- token grid ----------------------------------------------------------------------------
     def tower_grid(self, model: nn.Module) -> int:

@@ -43,6 +43,7 @@ from mgll.adapters.hosts.base import (
     check_layer_index,
     check_projector_init,
     make_swapped_class,
+    mgll_part,
     resolve_tokenizer,
     swapped_getattr,
     vit_spec,
@@ -116,10 +117,7 @@ class JanusHost(Host):
         return swapped_class()
 
     def _visual(self, model: nn.Module) -> MgllJanusVisionTower:
-        visual = model.model.vision_model
-        if not isinstance(visual, MgllJanusVisionTower):
-            raise TypeError(f"model.model.vision_model is a {type(visual).__name__}, not an MGLL tower: swap it first")
-        return visual
+        return mgll_part(model, "model.vision_model", MgllJanusVisionTower)
 
     def unquantised_modules(self) -> list[str]:
         """Tower, aligner, ``lm_head`` and the whole image-generation path stay in float."""

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import Host, ShapeMismatch, bos_ids, caption_batch, resolve_tokenizer
+from mgll.adapters.hosts.base import Host, ShapeMismatch, bos_ids, caption_batch, mgll_part, resolve_tokenizer
 
 __all__ = ["MedFlamingoHost", "require_open_flamingo"]
 
@@ -81,8 +81,7 @@ class MedFlamingoHost(Host):
 
         if not isinstance(model, flamingo_class()):
             raise TypeError(f"medflamingo host needs an MgllFlamingo (mgll.adapters.flamingo), got {type(model).__name__}")
-        if not isinstance(model.vision_encoder, MgllFlamingoTower):
-            raise TypeError(f"model.vision_encoder is a {type(model.vision_encoder).__name__}, not an MGLL tower: swap it first")
+        mgll_part(model, "vision_encoder", MgllFlamingoTower)
         return model
 
     def unquantised_modules(self) -> list[str]:

@@ -37,6 +37,7 @@ from mgll.adapters.hosts.base import (
     check_layer_index,
     check_projector_init,
     make_swapped_class,
+    mgll_part,
     resolve_tokenizer,
     swapped_getattr,
     vit_spec,
@@ -159,10 +160,7 @@ class Qwen2VLHost(Host):
 
     # -- token grid ----------------------------------------------------------------------------
     def _visual(self, model: nn.Module) -> MgllQwen2VisionTower:
-        visual = model.model.visual
-        if not isinstance(visual, MgllQwen2VisionTower):
-            raise TypeError(f"model.model.visual is a {type(visual).__name__}, not an MGLL tower: swap it first")
-        return visual
+        return mgll_part(model, "model.visual", MgllQwen2VisionTower)
 
     def tower_grid(self, model: nn.Module) -> int:
         return self._visual(model).grid
