@@ -12,3 +12,14 @@ def fundus_dataset(tmp_path_factory):
     from mgll.data.synthetic import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("data") / "fundus", kind="fundus", n=160, size=64, seed=3)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared CPU, two threads' spin-waits made each step ~10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,14 +20,7 @@ from mgll.encoder.finetune import (
 )
 from mgll.encoder.tasks import Task
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared CPU, two threads' spin-waits made each step ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = dict(lr=1e-3, batch_size=16, warmup_epochs=0.5, bootstrap=50, seed=0)
