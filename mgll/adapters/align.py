@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from mgll.adapters.hosts import get_host
 from mgll.adapters.swap import load_projector, read_swap_spec, save_projector
 from mgll.io import atomic_path, atomic_write_json, atomic_write_text
+from mgll.optim import adamw
 
 __all__ = ["AlignConfig", "align", "record_caption", "CaptionPairs", "load_aligned", "latest_align_checkpoint"]
 
@@ -351,7 +352,7 @@ def align(
             mod = host.tower(_base(model)) if path == host.tower_path else host.projector(_base(model))
             mod.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(cfg.steps, 1))
     start, losses, rng = 0, [], None
     if ckpt is not None and zero is None:

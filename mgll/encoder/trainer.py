@@ -54,6 +54,7 @@ from mgll.encoder.zero import (
     zero_stage,
 )
 from mgll.io import atomic_write_json, atomic_write_text
+from mgll.optim import adamw
 
 __all__ = ["train", "make_accelerator", "build_model", "build_optimizer", "build_scheduler", "mixed_precision"]
 
@@ -92,8 +93,11 @@ def build_model(cfg: RunConfig, levels) -> tuple[ContrastiveModel, Any, Any, str
     return model, preprocess_train, preprocess_val, name
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; gains, biases, embeddings of position and the logit scales get no weight decay (as open_clip)."""
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW; gains, biases, embeddings of position and the logit scales get no weight decay (as open_clip).
+
+    `fused=None` takes torch's fused kernel where the parameters allow it (`mgll.optim.adamw`).
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -101,11 +105,12 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
         exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if exclude else decay).append(p)
     t = cfg.train
-    return torch.optim.AdamW(
+    return adamw(
         [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": t.weight_decay}],
         lr=t.lr,
         betas=(t.beta1, t.beta2),
         eps=t.eps,
+        **({} if fused is None else {"fused": fused}),
     )
 
 

@@ -29,6 +29,7 @@ from mgll.io import atomic_path, atomic_write_json
 from mgll.mllm_eval.question_bank import QUESTION, build_bank, write_bank
 from mgll.mllm_eval.report import compare
 from mgll.mllm_eval.scoring import INSTRUCTION, build_prompt, format_question, option_text, run_bank
+from mgll.optim import adamw
 
 __all__ = ["run_mcq_demo", "instruction_pairs", "train_pairs"]
 
@@ -86,7 +87,7 @@ def train_pairs(model, processor, pairs, steps: int, batch_size: int = 8, lr: fl
     model.requires_grad_(True)
     host.tower(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = adamw(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     images: dict[Path, Image.Image] = {}
     order: list[int] = []
