@@ -159,10 +159,14 @@ class ClipTower(nn.Module):
             )
 
 
-def make_swapped_class(stock_name: str, new_name: str, attr_path: str, build_tower: Callable[[Any], nn.Module], module: str) -> type:
+def make_swapped_class(
+    stock_name: str, new_name: str, attr_path: str, build_tower: Callable[[Any, dict], nn.Module], module: str
+) -> type:
     """``new_name``: the transformers class ``stock_name`` whose ``attr_path`` module is rebuilt from ``config.mgll_tower``.
 
-    The saved model then loads with ``from_pretrained`` of this subclass. The class is named and
+    ``build_tower(config, spec)`` gets that entry, checked here once for every host: a config
+    without it was never written by ``mgll swap``. The saved model then loads with
+    ``from_pretrained`` of this subclass. The class is named and
     placed as if defined in ``module`` (whose ``__getattr__`` must return it), so ``load_swapped``
     can import it by the name in ``config.architectures`` and pickle finds it; transformers skips
     a subclass's checkpoint key renames, so the stock class's are registered for it.
@@ -173,9 +177,12 @@ def make_swapped_class(stock_name: str, new_name: str, attr_path: str, build_tow
     parent_path, _, leaf = attr_path.rpartition(".")
 
     def __init__(self, config):
+        spec = getattr(config, "mgll_tower", None)
+        if not spec:
+            raise ValueError(f"config has no 'mgll_tower' entry: this is not a {stock_name} folder written by `mgll swap`")
         stock.__init__(self, config)
         parent = get_module(self, parent_path) if parent_path else self
-        setattr(parent, leaf, build_tower(config))
+        setattr(parent, leaf, build_tower(config, spec))
         self.post_init()
 
     doc = f"``{stock_name}`` whose ``{attr_path}`` is rebuilt from ``config.mgll_tower``."

@@ -69,12 +69,9 @@ class MgllBlipVisionTower(ClipTower):
         return BaseModelOutputWithPooling(last_hidden_state=out, pooler_output=out[:, 0])
 
 
-def _build_tower(config) -> MgllBlipVisionTower:
+def _build_tower(config, spec: dict) -> MgllBlipVisionTower:
     from transformers import CLIPVisionConfig
 
-    spec = getattr(config, "mgll_tower", None)
-    if not spec:
-        raise ValueError("config has no 'mgll_tower' entry: this is not an InstructBLIP folder written by `mgll swap`")
     return MgllBlipVisionTower(
         CLIPVisionConfig(**spec["clip_vision_config"]),
         encoder_hidden_size=int(config.qformer_config.encoder_hidden_size),
@@ -168,7 +165,7 @@ class InstructBlipHost(Host):
         ref = model.language_projection.weight
         hf_vit = to_hf_clip_vision(encoder, with_projection=False)
         model.config.mgll_tower = {"clip_vision_config": hf_vit.config.to_dict(), "select_layer": int(select_layer)}
-        visual = _build_tower(model.config)
+        visual = _build_tower(model.config, model.config.mgll_tower)
         visual.vit.load_state_dict(hf_vit.state_dict())
         model.vision_model = visual.to(device=ref.device, dtype=ref.dtype)
         model.__class__ = swapped_class()

@@ -57,12 +57,9 @@ def _layers(config) -> list[int]:
     return [layer] if isinstance(layer, int) else list(layer)
 
 
-def _build_tower(config):
+def _build_tower(config, spec: dict):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    spec = getattr(config, "mgll_tower", None)
-    if not spec:
-        raise ValueError("config has no 'mgll_tower' entry: this is not an InternVL folder written by `mgll swap`")
     return CLIPVisionModel(CLIPVisionConfig(**spec["clip_vision_config"]))
 
 
@@ -173,7 +170,7 @@ class InternVLHost(Host):
         vc.num_attention_heads = int(hc.num_attention_heads)
         vc.image_size = [int(hc.image_size)] * 2
         vc.patch_size = [int(hc.patch_size)] * 2
-        model.model.vision_tower = _build_tower(model.config)
+        model.model.vision_tower = _build_tower(model.config, model.config.mgll_tower)
         model.model.vision_tower.load_state_dict(hf_vit.state_dict())
         model.model.vision_tower.to(device=device, dtype=dtype)
         if projector_init != "keep":

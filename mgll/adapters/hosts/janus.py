@@ -79,12 +79,9 @@ class MgllJanusVisionTower(ClipTower):
         return BaseModelOutputWithPooling(last_hidden_state=hs[:, 1:], pooler_output=hs[:, 0])
 
 
-def _build_tower(config) -> MgllJanusVisionTower:
+def _build_tower(config, spec: dict) -> MgllJanusVisionTower:
     from transformers import CLIPVisionConfig
 
-    spec = getattr(config, "mgll_tower", None)
-    if not spec:
-        raise ValueError("config has no 'mgll_tower' entry: this is not a Janus folder written by `mgll swap`")
     return MgllJanusVisionTower(
         CLIPVisionConfig(**spec["clip_vision_config"]),
         config.vision_config,
@@ -178,7 +175,7 @@ class JanusHost(Host):
         vc = model.config.vision_config  # the aligner's input width follows the MGLL tower; the generation grid stays
         vc.hidden_size = int(hf_vit.config.hidden_size)
         vc.num_attention_heads = int(hf_vit.config.num_attention_heads)
-        visual = _build_tower(model.config)
+        visual = _build_tower(model.config, model.config.mgll_tower)
         visual.vit.load_state_dict(hf_vit.state_dict())
         model.model.vision_model = visual.to(device=device, dtype=dtype)
         if projector_init != "keep":

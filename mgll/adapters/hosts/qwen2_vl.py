@@ -119,12 +119,9 @@ class MgllQwen2VisionTower(ClipTower):
         return BaseModelOutputWithPooling(last_hidden_state=hs, pooler_output=self.merger(hs))
 
 
-def _build_tower(config) -> MgllQwen2VisionTower:
+def _build_tower(config, spec: dict) -> MgllQwen2VisionTower:
     from transformers import CLIPVisionConfig
 
-    spec = getattr(config, "mgll_tower", None)
-    if not spec:
-        raise ValueError("config has no 'mgll_tower' entry: this is not a Qwen2-VL folder written by `mgll swap`")
     vc = config.vision_config
     return MgllQwen2VisionTower(
         CLIPVisionConfig(**spec["clip_vision_config"]),
@@ -223,7 +220,7 @@ class Qwen2VLHost(Host):
         vc.depth = int(hf_vit.config.num_hidden_layers)
         vc.num_heads = int(hf_vit.config.num_attention_heads)
         vc.hidden_size = int(model.config.text_config.hidden_size)
-        visual = _build_tower(model.config)
+        visual = _build_tower(model.config, model.config.mgll_tower)
         visual.vit.load_state_dict(hf_vit.state_dict())
         if projector_init == "keep":
             if old_merger is None or int(old_merger.ln_q.normalized_shape[0]) != int(hf_vit.config.hidden_size):
