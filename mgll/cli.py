@@ -35,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.deepspeed:
         overrides.append(f"deepspeed={args.deepspeed}")
     cfg = load_config(args.config, overrides)
-    run = train(cfg, resume=args.resume, progress=not args.no_progress)
+    run = train(cfg, resume=args.resume, progress=not args.no_progress, allow_config_change=args.allow_config_change)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {run}\nencoder: {run / 'encoder'}  (open_clip: create_model_and_transforms('local-dir:{run / 'encoder'}'))")
     return 0
@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="encoder architecture, mgll config or saved encoder (overrides model.name)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.lr=1e-3 (repeatable)")
     p.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed ZeRO config, e.g. configs/deepspeed/zero2.json (overrides the deepspeed key)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest intact checkpoint")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept settings that differ from the run's config.yaml (recorded in config_changes.jsonl)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -113,12 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mgll.encoder.finite import NonFiniteError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"mgll {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # a run that diverged: not bad input, but no traceback either
+        print(f"mgll {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

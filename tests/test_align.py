@@ -103,3 +103,36 @@ def test_qlora_stage2_runs_on_cpu_and_the_adapter_reloads(setup):
     for k, v in saved.items():
         match = [s for s in state if s.endswith(k.replace(".weight", ".default.weight"))]
         assert len(match) == 1 and torch.equal(state[match[0]], v), k
+
+
+def test_diverging_alignment_stops_and_writes_no_checkpoint(setup):
+    """Issue 13: a NaN loss used to raise a bare FloatingPointError; now it is skipped, and 3 in a row stop the run."""
+    from mgll.encoder.finite import NonFiniteError
+
+    root, _ = setup
+    out = root / "diverge"
+    cfg = AlignConfig(model=str(root / "swapped"), data=str(root / "data"), out=str(out), split=None, levels=LEVELS,
+                      steps=10, batch_size=4, lr=1e30, save_every=5, grad_clip=0.0)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss=nan; 3 steps in a row"):
+        align(cfg, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] is None and rows[-1]["skipped"] == ["loss=nan"]
+    assert not (out / "projector.safetensors").exists() and not (out / "summary.json").exists()
+    for ckpt in (out / "checkpoints").glob("step-*"):  # any save before the NaN holds finite weights
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "projector.safetensors")).values())
+
+
+def test_alignment_resume_passes_over_a_corrupt_checkpoint(setup, capsys):
+    root, _ = setup
+    out = root / "corrupt"
+    kw = dict(model=str(root / "swapped"), data=str(root / "data"), out=str(out), split=None, levels=LEVELS,
+              batch_size=4, lr=3e-2, save_every=3, keep_checkpoints=3)
+    align(AlignConfig(steps=6, **kw), progress=False)
+    (out / "summary.json").unlink()
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    proj = newest / "projector.safetensors"
+    proj.write_bytes(proj.read_bytes()[:-8])
+    align(AlignConfig(steps=9, **kw), resume=True, progress=False)
+    assert f"passed over checkpoint {newest.name}" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["steps"] == 9
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 10))

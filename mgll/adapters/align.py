@@ -13,7 +13,6 @@ a resumed run sees exactly the batches the interrupted one would have.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable
@@ -28,6 +27,14 @@ from tqdm.auto import tqdm
 
 from mgll.adapters.hosts import get_host
 from mgll.adapters.swap import load_projector, read_swap_spec, save_projector
+from mgll.encoder.checkpoint import (
+    CheckpointCorrupt,
+    load_newest_intact,
+    read_or_corrupt,
+    resume_candidates,
+    write_manifest,
+)
+from mgll.encoder.finite import FiniteGuard, NonFiniteError, all_ranks_agree, finite_or_none
 from mgll.io import atomic_path, atomic_write_json, atomic_write_text
 from mgll.optim import adamw
 
@@ -66,6 +73,7 @@ class AlignConfig:
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 1
+    max_nonfinite_steps: int = 3  # a NaN/inf loss or gradient skips the step; this many in a row stop the run
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,9 +141,20 @@ def _collate(batch):
 
 
 def latest_align_checkpoint(out: str | os.PathLike) -> Path | None:
-    ckpts = sorted(Path(out, "checkpoints").glob("step-*"))
-    ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]
-    return ckpts[-1] if ckpts else None
+    """The newest checkpoint folder whose manifest verifies (see ``mgll.encoder.checkpoint``)."""
+    for path, problem in resume_candidates(Path(out, "checkpoints"), required=(STATE_FILE,)):
+        if problem is None:
+            return path
+    return None
+
+
+def _assert_trainable_finite(model) -> None:
+    """Refuse to checkpoint NaN/inf trained weights; under ZeRO each rank checks its partition, all agree."""
+    local = {n: getattr(p, "ds_tensor", p).detach() for n, p in model.named_parameters() if p.requires_grad}
+    bad = next((n for n, t in local.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    device = next(iter(local.values())).device if local else torch.device("cpu")
+    if not all_ranks_agree(bad is None, device):
+        raise NonFiniteError(f"trained parameter {bad or '(on another process)'!r} holds NaN or inf; refusing to write a checkpoint")
 
 
 def _load_model(cfg: AlignConfig, host, device):
@@ -179,6 +198,7 @@ def _save_checkpoint(path: Path, cfg: AlignConfig, host, model, optimizer, sched
         tmp.mkdir(parents=True)
         _write_weights(tmp, cfg, host, model)
         _write_state(tmp, cfg, step, losses, scheduler, optimizer)
+        write_manifest(tmp)
 
 
 def _write_weights(folder: Path, cfg: AlignConfig, host, model) -> None:
@@ -221,8 +241,10 @@ def _save_zero_checkpoint(path: Path, cfg: AlignConfig, host, engine, scheduler,
     with gathered([p for p in engine.module.parameters() if p.requires_grad]):
         if main:
             _write_weights(tmp, cfg, host, engine.module)
+    dist.barrier()  # every rank's files are written before rank 0 hashes the folder
     if main:
         _write_state(tmp, cfg, step, losses, scheduler)
+        write_manifest(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -234,14 +256,15 @@ def cfg_host(cfg: AlignConfig) -> str:
 
 
 def _read_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    file = path / STATE_FILE
+    return read_or_corrupt(file, lambda: torch.load(file, map_location="cpu", weights_only=True))
 
 
 def _restore(path: Path, cfg: AlignConfig, host, model, optimizer, scheduler) -> tuple[int, list[float], torch.Tensor]:
     state = _read_state(path)
     if "optimizer" not in state:
         raise ValueError(f"{path}: written under DeepSpeed (optimizer state in zero/); resume with the same deepspeed config")
-    load_projector(_base(model), cfg_host(cfg), path / PROJECTOR_FILE)
+    read_or_corrupt(path / PROJECTOR_FILE, lambda: load_projector(_base(model), cfg_host(cfg), path / PROJECTOR_FILE))
     if cfg.stage == 2:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -249,11 +272,12 @@ def _restore(path: Path, cfg: AlignConfig, host, model, optimizer, scheduler) ->
         adapter = path / ADAPTER_DIR / "adapter_model.safetensors"
         if not adapter.is_file():
             raise FileNotFoundError(f"{adapter}: missing; cannot resume stage 2 from {path}")
-        set_peft_model_state_dict(model, load_file(str(adapter)))
+        set_peft_model_state_dict(model, read_or_corrupt(adapter, lambda: load_file(str(adapter))))
     if cfg.train_tower and (path / "tower.safetensors").is_file():
         from safetensors.torch import load_file
 
-        host.tower(_base(model)).load_state_dict(load_file(str(path / "tower.safetensors")))
+        tower = path / "tower.safetensors"
+        host.tower(_base(model)).load_state_dict(read_or_corrupt(tower, lambda: load_file(str(tower))))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), list(state["losses"]), state["torch_rng"]
@@ -269,7 +293,7 @@ def _restore_zero(path: Path, engine, scheduler) -> tuple[int, list[float], torc
         raise ValueError(f"{path}: not a DeepSpeed checkpoint (no {ZERO_TAG}/); resume it without deepspeed")
     loaded, _ = engine.load_checkpoint(str(path), tag=ZERO_TAG, load_module_strict=False, load_lr_scheduler_states=False)
     if loaded is None:
-        raise RuntimeError(f"{path / ZERO_TAG}: DeepSpeed could not load this checkpoint")
+        raise CheckpointCorrupt(f"{path / ZERO_TAG}: DeepSpeed could not load this checkpoint")
     state = _read_state(path)
     scheduler.load_state_dict(state["scheduler"])
     own = path / f"rng_rank{dist.get_rank()}.pt"  # LoRA dropout: each rank's own stream
@@ -324,7 +348,6 @@ def align(
     if cfg.qlora and cfg.stage != 2:
         raise ValueError("qlora=True needs stage=2 (a 4-bit LM is only tuned through LoRA)")
     out = Path(cfg.out)
-    ckpt = latest_align_checkpoint(out) if resume else None
     if not resume and (out / "summary.json").exists():
         raise FileExistsError(f"{out}: already holds a finished alignment run; use resume or another --out")
     spec = read_swap_spec(cfg.model)
@@ -354,14 +377,24 @@ def align(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(cfg.steps, 1))
-    start, losses, rng = 0, [], None
-    if ckpt is not None and zero is None:
-        start, losses, rng = _restore(ckpt, cfg, host, model, optimizer, scheduler)
+    start, losses, rng, ckpt, notes = 0, [], None, None, []
+
+    def restore(path: Path) -> int:
+        nonlocal losses, rng
+        restored = _restore(path, cfg, host, model, optimizer, scheduler) if zero is None else _restore_zero(path, model, scheduler)
+        step, losses, rng = restored
+        return step
+
+    if resume and zero is None:
+        ckpt, start, notes = load_newest_intact(out, restore, required=(STATE_FILE,))
     if zero is not None:
         fill_auto(accelerator, micro_batch=cfg.batch_size // world, grad_clip=cfg.grad_clip, width=model_width(_base(model)))
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ckpt is not None and zero is not None:
-        start, losses, rng = _restore_zero(ckpt, model, scheduler)
+    if resume and zero is not None:
+        ckpt, start, notes = load_newest_intact(out, restore, required=(STATE_FILE,))
+    if accelerator.is_main_process:
+        for note in notes:
+            print(f"--resume: passed over checkpoint {note}")
     base = _base(accelerator.unwrap_model(model))
 
     loader = DataLoader(
@@ -378,6 +411,7 @@ def align(
     metrics = [m for m in metrics if m and json.loads(m)["step"] <= start]
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or not accelerator.is_main_process, desc=f"align stage {cfg.stage}")
     step = start
+    guard = FiniteGuard(cfg.max_nonfinite_steps, what="mgll align")
     batch: dict[str, torch.Tensor] = {}
     batches = iter(loader)
     if rng is not None:  # after iter(): creating the iterator draws from the global generator
@@ -388,22 +422,30 @@ def align(
         batch["pixel_values"] = batch["pixel_values"].to(host.tower(base).dtype)
         with accelerator.autocast():
             loss = model(**batch).loss
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()}")
-        accelerator.backward(loss)  # under DeepSpeed this also clips and steps the optimizer
-        if cfg.grad_clip and zero is None:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        bad = FiniteGuard.bad_terms({"loss": float(loss.detach())})
+        ok = all_ranks_agree(not bad, accelerator.device)  # each rank's own slice: agree before any collective
+        if ok:
+            accelerator.backward(loss)  # under DeepSpeed this also clips and steps the optimizer
+            if zero is None:
+                norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+                bad = [] if accelerator.mixed_precision == "fp16" else FiniteGuard.bad_terms({}, float(norm))
+                ok = all_ranks_agree(not bad, accelerator.device)
+            if ok or zero is not None:  # DeepSpeed has stepped already; the checkpoint refuses non-finite weights
+                optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        global_loss = accelerator.reduce(loss.detach(), reduction="mean") if world > 1 else loss.detach()
+        global_loss = accelerator.reduce(loss.detach(), reduction="mean") if world > 1 and ok else loss.detach()
         losses.append(float(global_loss))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if accelerator.is_main_process and (step % max(cfg.log_every, 1) == 0 or step == cfg.steps):
-            metrics.append(json.dumps({"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}))
+        if accelerator.is_main_process and (step % max(cfg.log_every, 1) == 0 or step == cfg.steps or not ok):
+            row = {"step": step, "loss": finite_or_none(losses[-1]), "lr": scheduler.get_last_lr()[0]}
+            if not ok:
+                row["skipped"] = bad or ["non-finite on another process"]
+            metrics.append(json.dumps(row))
             atomic_write_text(metrics_path, "\n".join(metrics) + "\n")
+        guard.step_ok(step, bad, ok)  # raises after max_nonfinite_steps in a row
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             _checkpoint(out / "checkpoints" / f"step-{step:07d}", cfg, host, model, accelerator, zero, optimizer, scheduler, step, losses)
     bar.close()
@@ -420,6 +462,7 @@ def align(
 
 def _checkpoint(path, cfg, host, model, accelerator, zero, optimizer, scheduler, step, losses) -> None:
     """Every rank calls this; without DeepSpeed only rank 0 writes."""
+    _assert_trainable_finite(model)
     if zero is not None:
         _save_zero_checkpoint(path, cfg, host, model, scheduler, step, losses)
     elif accelerator.is_main_process:

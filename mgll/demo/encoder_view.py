@@ -43,14 +43,26 @@ class LevelProbs:
 
 
 def _trained_on(encoder: str | os.PathLike) -> Path | None:
-    """The dataset folder a run was trained on (``config.yaml``'s data.path), when ``encoder`` is a run folder."""
+    """The dataset folder a run was trained on (``config.yaml``'s data.path), when ``encoder`` is a run folder.
+
+    Runs record an absolute path; an older run may hold one relative to wherever training was
+    started (usually a folder above the run), so a relative path is looked up from the run folder
+    and each folder above it, not from the demo's working directory.
+    """
     import yaml
 
     for cfg in (Path(encoder) / "config.yaml", Path(encoder).parent / "config.yaml"):
         if cfg.is_file():
             data = (yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}).get("data") or {}
             if data.get("path"):
-                return Path(data["path"])
+                recorded = Path(data["path"]).expanduser()
+                if recorded.is_absolute():
+                    return recorded
+                run = cfg.resolve().parent
+                for base in (run, *run.parents):
+                    if (base / recorded).is_dir():
+                        return base / recorded
+                return recorded
     return None
 
 

@@ -59,6 +59,7 @@ class TrainConfig:
     save_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
+    max_nonfinite_steps: int = 3  # a NaN/inf loss or gradient skips the step; this many in a row stop the run
 
 
 @dataclass
@@ -152,5 +153,11 @@ def _validate(cfg: RunConfig, where: str) -> None:
             raise ValueError(f"{where}: train.{name} must be >= 1, got {getattr(t, name)!r}")
     if cfg.deepspeed is not None and not Path(cfg.deepspeed).is_file():
         raise ValueError(f"{where}: deepspeed: {cfg.deepspeed} is not a file (see configs/deepspeed/)")
-    if t.warmup_steps < 0 or t.lr <= 0:
-        raise ValueError(f"{where}: train.warmup_steps must be >= 0 and train.lr > 0")
+    if t.warmup_steps < 0 or not (0 < t.lr < float("inf")):
+        raise ValueError(f"{where}: train.warmup_steps must be >= 0 and train.lr a finite number > 0")
+    if t.max_nonfinite_steps < 1:
+        raise ValueError(f"{where}: train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    for name in ("soft_clip", "pointwise", "smooth_kl"):
+        w = getattr(cfg.loss, name)
+        if not (0 <= w < float("inf")):
+            raise ValueError(f"{where}: loss.{name} must be a finite weight >= 0, got {w!r}")

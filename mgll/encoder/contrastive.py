@@ -69,10 +69,18 @@ class ContrastiveModel(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.encoder.logit_scale.exp()
 
+    def log_scale_parameters(self) -> list[nn.Parameter]:
+        """The learnable log temperatures: open_clip's logit scale and, for MGLL, the point-wise one."""
+        params = [self.encoder.logit_scale]
+        if self.mgll is not None and self.mgll.pointwise is not None:
+            params.append(self.mgll.pointwise.pointwise_logit_scale)
+        return params
+
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
-        """Called after each optimizer step, as open_clip does: the scale never exceeds 100."""
+        """Called after each optimizer step, as open_clip does: no scale exceeds 100 (log in [0, log 100])."""
         with torch.no_grad():
-            self.encoder.logit_scale.clamp_(0, math.log(max_scale))
+            for p in self.log_scale_parameters():
+                p.clamp_(0, math.log(max_scale))
 
     def encode_distinct_texts(self, texts: list[str], device: torch.device) -> torch.Tensor:
         """Features of the global batch's distinct texts, each encoded by exactly one rank.

@@ -20,6 +20,7 @@ import torch
 from open_clip.model import get_model_preprocess_cfg
 from safetensors.torch import save_file
 
+from mgll.encoder.finite import assert_finite_tensors
 from mgll.io import atomic_path, atomic_write_json
 
 __all__ = [
@@ -114,6 +115,7 @@ def save_encoder(
     if hasattr(preprocess_cfg, "__dataclass_fields__"):
         preprocess_cfg = asdict(preprocess_cfg)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    assert_finite_tensors(state, f"encoder {out}")
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         save_file(state, str(tmp / ENCODER_WEIGHTS))

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from mgll.data import load_dataset
 from mgll.data.records import MultiGranularDataset, Record, RecordError
-from mgll.encoder.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mgll.encoder.checkpoint import load_checkpoint, load_newest_intact, save_checkpoint
 from mgll.encoder.factory import create_encoder
 from mgll.encoder.metrics import evaluate_scores
 from mgll.encoder.probe import encoder_label
@@ -337,9 +337,12 @@ def finetune(
     scheduler = build_scheduler(optimizer, cfg)
 
     epoch, history = 0, []
-    ckpt = latest_checkpoint(out) if resume else None
+    ckpt, notes = None, []
+    if resume:
+        ckpt, epoch, notes = load_newest_intact(out, lambda p: load_checkpoint(p, model, optimizer, scheduler))
+    for note in notes:
+        print(f"--resume: passed over checkpoint {note}")
     if ckpt is not None:
-        epoch = load_checkpoint(ckpt, model, optimizer, scheduler)
         history = [r for r in _read_history(out) if r["epoch"] <= epoch]
         if len(history) != epoch:
             raise RecordError(f"{out / HISTORY}: has {len(history)} rows up to epoch {epoch}, the checkpoint's epoch; cannot resume")

@@ -254,7 +254,8 @@ class MGLLLoss(nn.Module):
         if len(level_text_features) != len(level_targets) or not level_targets:
             raise ValueError("MGLLLoss needs one (text features, targets) pair per level, at least one level")
         if self.pointwise is not None:
-            pw_scale = self.pointwise.pointwise_logit_scale.exp().clamp(max=self.max_logit_scale)
+            # clamp the log before exp: exp past ~89 is inf in float32 and its gradient NaN
+            pw_scale = self.pointwise.pointwise_logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
             pw_bias = self.pointwise.pointwise_logit_bias
         zero = image_features.new_zeros((), dtype=_compute_dtype(image_features))
         soft, point = zero, zero

@@ -14,6 +14,7 @@ final ``encoder/`` is the same open_clip folder as without DeepSpeed (see ``zero
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -31,8 +32,8 @@ from tqdm.auto import tqdm
 from mgll.data import RecordImageDataset, collate_records, load_dataset
 from mgll.encoder.checkpoint import (
     checkpoint_rng,
-    latest_checkpoint,
     load_checkpoint,
+    load_newest_intact,
     load_zero_checkpoint,
     save_checkpoint,
     save_zero_checkpoint,
@@ -41,6 +42,8 @@ from mgll.encoder.checkpoint import (
 from mgll.encoder.config import RunConfig
 from mgll.encoder.contrastive import ContrastiveModel
 from mgll.encoder.factory import create_encoder, save_encoder
+from mgll.encoder.finite import FiniteGuard, all_ranks_agree, finite_or_none
+from mgll.encoder.resume_guard import CHANGES_FILE, check_resume_config, record_changes
 from mgll.encoder.sampler import GlobalBatchSampler, SeededItems
 from mgll.encoder.zero import (
     clamp_parameter_,
@@ -131,21 +134,81 @@ def _append_metrics(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _metric_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``; a line cut short by a kill mid-write is dropped, not fatal."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop rows logged after the checkpoint so the file has each step once."""
+    """On resume, keep the rows up to the step the run continues from, so the file has each step once."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    kept = [row for row in _metric_rows(path) if row["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
-def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None = None, progress: bool = True) -> Path:
+def _apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: RunConfig) -> None:
+    """After a resume with ``--allow-config-change``: the checkpoint restored the old lr, betas and
+    weight decay into the optimizer and the old base lr into the scheduler; put the new ones in, so
+    the run follows the schedule its config now says (the step count stays the checkpoint's)."""
+    t = cfg.train
+    scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = t.lr
+        group["lr"] = t.lr * factor
+        group["betas"], group["eps"] = (t.beta1, t.beta2), t.eps
+        if i > 0:  # group 0 holds the parameters that never decay (build_optimizer)
+            group["weight_decay"] = t.weight_decay
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _grad_norm(accelerator: Accelerator, model, cfg: RunConfig, stage: int | None) -> float | None:
+    """The global gradient norm, clipped to ``train.grad_clip`` on the way (None where it is not ours to check).
+
+    Under DeepSpeed the engine clips and steps inside ``backward``; its norm is read afterwards.
+    Under fp16 the loss scaler owns inf gradients (it skips the step and lowers the scale itself).
+    """
+    if stage is not None:
+        norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
+        return None if norm is None else float(norm)
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    if accelerator.mixed_precision == "fp16" or norm is None:
+        return None
+    return float(norm)
+
+
+def train(
+    cfg: RunConfig,
+    resume: bool = False,
+    max_steps_this_run: int | None = None,
+    progress: bool = True,
+    allow_config_change: bool = False,
+) -> Path:
     """Train and return the run folder; ``RUN/encoder`` holds the final encoder.
 
     ``max_steps_this_run`` stops early after that many steps (for tests of resumption); the
-    schedule is still the one of ``train.steps``.
+    schedule is still the one of ``train.steps``. With ``resume``, settings that change the run
+    must match its saved ``config.yaml`` unless ``allow_config_change`` (see ``resume_guard``).
+    A step whose loss or gradient is not finite is skipped; ``train.max_nonfinite_steps`` of them
+    in a row raise :class:`NonFiniteError` (see ``finite.py``).
     """
+    cfg = copy.deepcopy(cfg)
     run_dir = Path(cfg.output_dir)
+    if not cfg.data.path:
+        raise ValueError("data.path is empty: point it at a dataset folder (card + records.jsonl)")
+    cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())  # the run folder is read from anywhere later
+    changes = check_resume_config(run_dir, cfg.to_dict(), allow_config_change) if resume else []
     accelerator = make_accelerator(cfg.train.precision, cfg.deepspeed)
     rank, world = accelerator.process_index, accelerator.num_processes
     stage = zero_stage(accelerator)  # None without DeepSpeed
@@ -155,8 +218,6 @@ def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None =
     if accelerator.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    if not cfg.data.path:
-        raise ValueError("data.path is empty: point it at a dataset folder (card + records.jsonl)")
     dataset = load_dataset(cfg.data.path)
     model, preprocess_train, preprocess_val, model_name = build_model(cfg, dataset.card.levels)
     images = RecordImageDataset(dataset, split=cfg.data.split, transform=preprocess_train if cfg.data.augment else preprocess_val)
@@ -166,11 +227,12 @@ def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None =
     model.to(accelerator.device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    start_step = 0
+    start_step, ckpt, notes = 0, None, []
     metrics_path = run_dir / "metrics.jsonl"
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None and stage is None:
-        start_step = load_checkpoint(ckpt, model, optimizer, scheduler, restore_rng=False)
+    if resume and stage is None:
+        ckpt, start_step, notes = load_newest_intact(
+            run_dir, lambda p: load_checkpoint(p, model, optimizer, scheduler, restore_rng=False)
+        )
     if stage == 3 and any(p.dim() == 0 for p in model.parameters()):
         raise ValueError(
             f"{cfg.deepspeed or 'the accelerate DeepSpeed config'}: ZeRO-3 cannot partition open_clip's 0-dim logit_scale "
@@ -181,18 +243,27 @@ def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None =
     with scalar_safe_broadcast(model) if stage is not None else contextlib.nullcontext():
         model, optimizer = accelerator.prepare(model, optimizer)
     core: ContrastiveModel = accelerator.unwrap_model(model)
-    if ckpt is not None and stage is not None:
-        start_step = load_zero_checkpoint(ckpt, model, scheduler, restore_rng=False)  # the engine: weights and optimizer partitions
+    if resume and stage is not None:  # the engine: weights and optimizer partitions
+        ckpt, start_step, notes = load_newest_intact(run_dir, lambda p: load_zero_checkpoint(p, model, scheduler, restore_rng=False))
+    if ckpt is not None and changes:
+        _apply_hyperparameters(scheduler.optimizer, scheduler, cfg)
 
     if accelerator.is_main_process:
+        for note in notes:
+            print(f"--resume: passed over checkpoint {note}")
         if ckpt is not None:
-            _truncate_metrics(metrics_path, start_step)
             print(f"resumed from {ckpt} (step {start_step})")
         elif resume:
             print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+        if resume:
+            _truncate_metrics(metrics_path, start_step)
         elif metrics_path.exists():
             metrics_path.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
+        if changes:
+            record_changes(run_dir, start_step, changes)
+            for key, old, new in changes:
+                print(f"--allow-config-change: {key} {old!r} -> {new!r} from step {start_step} (recorded in {run_dir / CHANGES_FILE})")
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     # DeepSpeed casts the model itself under bf16/fp16 (accelerate's autocast is off there): match its inputs
     input_dtype = next(core.parameters()).dtype if stage is not None else None
@@ -209,6 +280,7 @@ def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None =
     )
     end_step = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start_step + max_steps_this_run)
     bar = tqdm(total=end_step - start_step, desc=f"train {cfg.loss.name}", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    guard = FiniteGuard(cfg.train.max_nonfinite_steps, what="mgll train")
     step = start_step
     terms: dict[str, float] = {}  # stays empty when a resumed run has no step left
     model.train()
@@ -222,24 +294,35 @@ def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None =
         batch_images = batch_images.to(accelerator.device, dtype=input_dtype, non_blocking=True)
         with accelerator.autocast():
             out = model(batch_images, label_sets)
-        accelerator.backward(out["loss"])  # under DeepSpeed this also clips and steps the optimizer
-        if cfg.train.grad_clip > 0 and stage is None:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        terms = {k: float(v.detach()) for k, v in out.items()}
+        bad = FiniteGuard.bad_terms(terms)
+        ok = all_ranks_agree(not bad, accelerator.device)
+        if ok:
+            accelerator.backward(out["loss"])  # under DeepSpeed this also clips and steps the optimizer
+            grad_norm = _grad_norm(accelerator, model, cfg, stage)
+            bad = FiniteGuard.bad_terms({}, grad_norm)
+            ok = all_ranks_agree(not bad, accelerator.device)
+            if ok or stage is not None:  # DeepSpeed has stepped already; the save refuses non-finite weights
+                optimizer.step()
+        del out
+        scheduler.step()  # a skipped step still uses up its batch and its place in the schedule
         optimizer.zero_grad(set_to_none=True)
         if stage is None:
             core.clamp_logit_scale()
         else:
-            clamp_parameter_(core.encoder.logit_scale, *logit_scale_bounds())
+            for p in core.log_scale_parameters():
+                clamp_parameter_(p, *logit_scale_bounds())
         step += 1
 
-        terms = {k: float(v.detach()) for k, v in out.items()}
-        if accelerator.is_main_process and (step % cfg.train.log_every == 0 or step == end_step):
+        if accelerator.is_main_process and (step % cfg.train.log_every == 0 or step == end_step or not ok):
             now = time.perf_counter()
-            row = {"step": step, **terms, "lr": scheduler.get_last_lr()[0], "logit_scale": float(core.logit_scale().detach()), "sec": now - t_last}
+            row = {"step": step, **{k: finite_or_none(v) for k, v in terms.items()}, "lr": scheduler.get_last_lr()[0],
+                   "logit_scale": float(core.logit_scale().detach()), "sec": now - t_last}
+            if not ok:
+                row["skipped"] = bad or ["non-finite on another process"]
             t_last = now
             _append_metrics(metrics_path, row)
+        guard.step_ok(step, bad, ok)  # raises after max_nonfinite_steps in a row
         bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
         bar.update(1)
         if step % cfg.train.save_every == 0 or step == end_step:
@@ -260,7 +343,13 @@ def train(cfg: RunConfig, resume: bool = False, max_steps_this_run: int | None =
             model_name,
             extra={"loss": cfg.loss.name, "levels": [{"name": lv.name, "template": lv.template} for lv in dataset.card.levels], "steps": step},
         )
-        atomic_write_json(run_dir / "summary.json", {"steps": step, "loss": cfg.loss.name, "final": terms, "encoder": str(run_dir / "encoder")})
+        rows = _metric_rows(metrics_path)
+        last = rows[-1] if rows and rows[-1]["step"] == step else {}  # a resume with no step left: its last row
+        final = terms or {k: v for k, v in last.items() if k not in ("step", "lr", "logit_scale", "sec", "skipped")}
+        atomic_write_json(run_dir / "summary.json", {
+            "steps": step, "loss": cfg.loss.name, "final": {k: v if v is None else finite_or_none(v) for k, v in final.items()},
+            "skipped_nonfinite_steps": [r["step"] for r in rows if r.get("skipped")], "encoder": str(run_dir / "encoder"),
+        })
     return run_dir
 
 
