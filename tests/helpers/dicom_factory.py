@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,9 @@ def make_dataset(
     patient_id: str = "PID-4711-SECRET",
     patient_name: str = "Doe^Jane",
     pixels: bool = True,
+    extra: dict | None = None,
 ) -> Dataset:
+    """A DX dataset around ``arr``; ``extra`` sets more attributes by keyword (a list of Datasets for a sequence)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -60,6 +63,8 @@ def make_dataset(
     if center is not None:
         ds.WindowCenter = center
         ds.WindowWidth = width
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
     if pixels:
         ds.PixelData = arr.astype(np.int16 if signed else np.uint16).tobytes()
     return ds
@@ -72,3 +77,13 @@ def write_dicom(path: Path, arr: np.ndarray, j2k: bool = False, **kw) -> Dataset
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return pydicom.dcmread(path)
+
+
+def value_offset(path: Path, keyword: str) -> int:
+    """Byte offset of a top-level element's value in the file at ``path``, to cut a file short inside it."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # test files may hold invalid values on purpose
+        ds = pydicom.dcmread(path, defer_size=0)
+        elem = next(e for e in ds.elements() if e.tag == tag)
+    return int(getattr(elem, "value_tell", None) or elem.file_tell)  # raw elements, or ones read already
