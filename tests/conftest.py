@@ -23,3 +23,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A randomly initialised tiny encoder saved as a run folder (training is not what is tested here).
+
+    Module scope: probe caches features beside the encoder, and each module starts from an empty cache.
+    """
+    import torch
+
+    from mgll.encoder.factory import create_encoder, save_encoder
+
+    torch.manual_seed(0)
+    model, _, _, _, name = create_encoder("mgll-tiny-vit")
+    run = tmp_path_factory.mktemp("enc") / "encoder-tiny"
+    save_encoder(model, run / "encoder", name, {"loss": "clip", "levels": []})
+    return run

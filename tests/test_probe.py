@@ -11,21 +11,10 @@ import torch
 import mgll.encoder.features as features_mod
 from mgll.data.records import Record, load_dataset, write_dataset
 from mgll.encoder.eval_cli import register
-from mgll.encoder.factory import create_encoder, save_encoder
+from mgll.encoder.factory import save_encoder
 from mgll.encoder.metrics import evaluate_scores
 from mgll.encoder.probe import fit_head, fraction_indices, indicator, run_probe
 from mgll.encoder.tasks import Task, make_task, task_targets
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory):
-    """A randomly initialised tiny encoder saved as a run folder (training is not what is tested here)."""
-    torch.manual_seed(0)
-    model, _, _, _, name = create_encoder("mgll-tiny-vit")
-    run = tmp_path_factory.mktemp("enc") / "encoder-tiny"
-    save_encoder(model, run / "encoder", name, {"loss": "clip", "levels": []})
-    return run
-
 
 # ----------------------------------------------------------------------------- heads on separable features
 

@@ -259,3 +259,24 @@ def test_run_records_an_absolute_data_path_and_the_demo_finds_older_relative_one
     monkeypatch.chdir(tmp_path)  # the demo started from somewhere else
     assert _trained_on(run) == project / "runs" / "data"
     assert _trained_on(run / "encoder") == project / "runs" / "data"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero_bytes", "over_budget"])
+def test_a_bad_image_fails_train_before_step_1_naming_the_file(fundus_dataset, tmp_path, capsys, damage):
+    """Reported: a truncated image aborted training when the sampler reached it (hours in on real data)."""
+    data = tmp_path / "data"
+    shutil.copytree(fundus_dataset.root, data)
+    rec = fundus_dataset.split("train")[-1]  # the sampler would reach it late, if at all
+    img = data / rec.image
+    extra = []
+    if damage == "truncated":
+        img.write_bytes(img.read_bytes()[: img.stat().st_size // 2])
+    elif damage == "zero_bytes":
+        img.write_bytes(b"")
+    else:
+        extra = ["--set", "data.max_pixels=4000"]  # 64 x 64 = 4096 pixels each: every image is over it
+    rc = main(_args(data, tmp_path / "run", 12, *extra))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert (rec.image if damage != "over_budget" else "over the") in err and "mgll check-data" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # failed before step 1

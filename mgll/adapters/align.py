@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from mgll.adapters.hosts import get_host
 from mgll.adapters.swap import load_projector, read_swap_spec, save_projector
+from mgll.data.pixel_budget import load_rgb
 from mgll.encoder.checkpoint import (
     CheckpointCorrupt,
     load_newest_intact,
@@ -111,8 +111,7 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, i: int):
         path, caption = self.items[i]
-        with Image.open(path) as im:
-            return im.convert("RGB"), caption
+        return load_rgb(path), caption
 
 
 class StepSampler(Sampler[int]):

@@ -23,6 +23,7 @@ from mgll.io import atomic_path
 from .build_runner import STATE_DIR, Journal, check_build_config, clean_partials, finalize_build, run_tasks
 from .fundus_readers import Item, read_release
 from .fundus_vocab import explain, load_vocab
+from .pixel_budget import ImageTooLargeError, open_image, resolve_max_pixels
 from .records import DatasetCard, Level
 
 __all__ = ["build_fundus", "crop_black_border", "fundus_card", "item_labels", "process_fundus"]
@@ -93,9 +94,11 @@ def process_fundus(task: dict) -> dict:
     """One image -> journal entry. Top level so multiprocessing can pickle it; never raises."""
     key, out = task["key"], Path(task["out"])
     try:
-        with Image.open(task["path"]) as im:
+        with open_image(task["path"], task.get("max_pixels")) as im:  # the budget is checked before decoding
             im.load()
             rgb = np.asarray(im.convert("RGB"))
+    except ImageTooLargeError as e:
+        return {"key": key, "status": "rejected", "reason": e.reason, "detail": f"{e.size_text} is over the {e.budget_text}"}
     except Exception as e:  # noqa: BLE001 - a broken image of any kind is a rejection, not a crash
         return {"key": key, "status": "rejected", "reason": "unreadable", "detail": f"{type(e).__name__}: {e}"[:200]}
     if task["crop"]:
@@ -129,9 +132,16 @@ def build_fundus(
     strict_vocab: bool = False,
     progress: bool = True,
     name: str | None = None,
+    max_pixels: int | None = None,
 ) -> dict:
-    """Build (or resume) an MGLL-Fundus dataset from one release; returns the summary dict."""
+    """Build (or resume) an MGLL-Fundus dataset from one release; returns the summary dict.
+
+    Images over ``max_pixels`` (default ``MGLL_MAX_PIXELS``, else 40 MP) are rejected as ``too_large``
+    from their header, undecoded. The budget is not part of the resume check: raising it and passing
+    ``retry_rejected`` builds the images it refused before.
+    """
     src, out = Path(src), Path(out)
+    max_pixels = resolve_max_pixels(max_pixels)
     fmt, items = read_release(src, fmt)
     if restart:
         for p in (out / STATE_DIR, out / "images"):
@@ -155,7 +165,7 @@ def build_fundus(
             continue
         done = journal.entries.get(it.key)
         entry = {"key": it.key, "path": str(it.path), "out": str(out), "image": _image_name(it.key), "labels": labels,
-                 "patient": it.patient, "size": size, "crop": crop}
+                 "patient": it.patient, "size": size, "crop": crop, "max_pixels": max_pixels}
         if done is not None:
             if done["status"] == "ok" and (out / done["image"]).is_file():
                 if done["labels"] != labels or done.get("patient") != it.patient:

@@ -1,8 +1,10 @@
-"""``mgll build-xray``, ``mgll build-fundus`` and ``mgll merge``; ``register(subparsers)`` wires them into mgll.cli."""
+"""``mgll build-xray``, ``build-fundus``, ``merge`` and ``check-data``; ``register(subparsers)`` wires them into mgll.cli."""
 
 from __future__ import annotations
 
 import argparse
+
+from .check_data import register as register_check_data
 
 __all__ = ["register"]
 
@@ -26,6 +28,7 @@ def _cmd_build_xray(args: argparse.Namespace) -> int:
         args.src, args.out, size=args.size, bits=args.bits, modalities=args.modalities.split(","),
         missing=args.missing, split=args.split, seed=args.seed, workers=args.workers, salt_file=args.salt_file,
         retry_rejected=args.retry_rejected, restart=args.restart, progress=not args.no_progress, name=args.name,
+        max_pixels=args.max_pixels,
     )
     _print_summary(summary, args.out)
     return 0
@@ -37,7 +40,7 @@ def _cmd_build_fundus(args: argparse.Namespace) -> int:
     summary = build_fundus(
         args.src, args.out, fmt=args.format, size=args.size, crop=not args.no_crop, split=args.split,
         seed=args.seed, workers=args.workers, retry_rejected=args.retry_rejected, restart=args.restart,
-        strict_vocab=args.strict_vocab, progress=not args.no_progress, name=args.name,
+        strict_vocab=args.strict_vocab, progress=not args.no_progress, name=args.name, max_pixels=args.max_pixels,
     )
     _print_summary(summary, args.out)
     return 0
@@ -61,6 +64,9 @@ def _common(p: argparse.ArgumentParser, size_help: str) -> None:
     p.add_argument("--retry-rejected", action="store_true", help="on resume, try previously rejected files again")
     p.add_argument("--restart", action="store_true", help="discard earlier progress in OUT and rebuild")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-pixels", default=None,
+                   help="pixel budget per image, checked before decoding; larger files are rejected as too_large "
+                        "(default: MGLL_MAX_PIXELS, else 40M)")
 
 
 def register(subparsers) -> None:
@@ -98,3 +104,5 @@ def register(subparsers) -> None:
     p.add_argument("--name", default="mgll-merged")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=_cmd_merge)
+
+    register_check_data(subparsers)

@@ -4,6 +4,10 @@ Order follows the DICOM grayscale pipeline (PS3.3 C.11): stored values (BitsStor
 PixelRepresentation honoured) -> Modality LUT (RescaleSlope/Intercept or LUT) -> VOI LUT sequence,
 else the first WindowCenter/Width, else a robust percentile window -> MONOCHROME1 inverted -> resized
 so the longest side is ``size`` -> quantised to 8 or 16 bits. Shared by the X-ray builder and the demo.
+
+Before anything is decoded, Rows x Columns x NumberOfFrames is checked against the pixel budget
+(mgll.data.pixel_budget): an over-budget file raises :class:`DicomPixelError` with reason
+``too_large``, because the float pipeline below costs ~35 bytes per pixel (2.4 GB for 8000 x 8000).
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .pixel_budget import ImageTooLargeError, check_dicom_header
+
 __all__ = [
     "DicomPixelError",
     "GRAY_PHOTOMETRICS",
+    "check_budget",
     "dicom_to_array",
     "dicom_to_image",
     "quantise",
@@ -35,12 +42,24 @@ class DicomPixelError(ValueError):
         self.reason = reason
 
 
-def _read(ds_or_path):
+def _read(ds_or_path, max_pixels: int | None = None):
+    """A path is read header-first (mgll.data.dicom_header), so an over-budget file is never inflated."""
     if isinstance(ds_or_path, (str, os.PathLike)):
         import pydicom
 
+        from .dicom_header import check_dicom_budget
+
+        check_dicom_budget(Path(ds_or_path), max_pixels)
         return pydicom.dcmread(Path(ds_or_path))
     return ds_or_path
+
+
+def check_budget(ds, max_pixels: int | None = None) -> None:
+    """Raise ``DicomPixelError('too_large')`` when the dataset's header puts it over the pixel budget."""
+    try:
+        check_dicom_header(ds, None, max_pixels)
+    except ImageTooLargeError as e:
+        raise DicomPixelError("too_large", str(e)) from e
 
 
 def _first(value) -> float:
@@ -53,9 +72,10 @@ def _first(value) -> float:
         return float(value)
 
 
-def _stored_values(ds) -> np.ndarray:
+def _stored_values(ds, max_pixels: int | None = None) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DicomPixelError("no_pixel_data", "the file has no Pixel Data element (7FE0,0010)")
+    check_budget(ds, max_pixels)
     try:
         arr = ds.pixel_array
     except Exception as e:  # noqa: BLE001 - decoders raise many types; all mean the same for us
@@ -120,16 +140,19 @@ def _voi(x: np.ndarray, ds) -> np.ndarray:
     return _window(x, center, width, function)
 
 
-def dicom_to_array(ds_or_path) -> np.ndarray:
-    """Grayscale display values in [0, 1] (float32), full resolution, bright = dense (bone)."""
-    ds = _read(ds_or_path)
+def dicom_to_array(ds_or_path, max_pixels: int | None = None) -> np.ndarray:
+    """Grayscale display values in [0, 1] (float32), full resolution, bright = dense (bone).
+
+    ``max_pixels`` overrides the pixel budget (default: ``MGLL_MAX_PIXELS``, else 40 MP).
+    """
+    ds = _read(ds_or_path, max_pixels)
     photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
     if photometric not in GRAY_PHOTOMETRICS:
         raise DicomPixelError(
             "unsupported_photometric",
             f"PhotometricInterpretation '{photometric or '<missing>'}' is not grayscale (expected one of {GRAY_PHOTOMETRICS})",
         )
-    arr = _stored_values(ds)
+    arr = _stored_values(ds, max_pixels)
     if arr.ndim != 2:
         raise DicomPixelError("pixel_decode_failed", f"expected a 2-D grayscale frame, got shape {arr.shape}")
     arr = _honour_bits(arr, ds)
@@ -172,9 +195,9 @@ def quantise(img: np.ndarray, bits: int = 8) -> Image.Image:
     raise ValueError(f"bits must be 8 or 16, got {bits}")
 
 
-def _color_array(ds) -> np.ndarray:
+def _color_array(ds, max_pixels: int | None = None) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
-    arr = _stored_values(ds)
+    arr = _stored_values(ds, max_pixels)
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
@@ -187,13 +210,15 @@ def _color_array(ds) -> np.ndarray:
     return (arr.astype(np.float32) / top).clip(0, 1)
 
 
-def dicom_to_image(ds_or_path, size: int | None = 512, bits: int = 8, allow_color: bool = True) -> Image.Image:
+def dicom_to_image(
+    ds_or_path, size: int | None = 512, bits: int = 8, allow_color: bool = True, max_pixels: int | None = None
+) -> Image.Image:
     """Render a DICOM dataset or file as a PIL image (grayscale pipeline above; colour passed through)."""
-    ds = _read(ds_or_path)
+    ds = _read(ds_or_path, max_pixels)
     photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
     if allow_color and photometric and photometric not in GRAY_PHOTOMETRICS:
-        img = _color_array(ds)
+        img = _color_array(ds, max_pixels)
         bits = 8
     else:
-        img = dicom_to_array(ds)
+        img = dicom_to_array(ds, max_pixels)
     return quantise(resize_longest(img, size), bits)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .pixel_budget import ImageTooLargeError, open_image, resolve_max_pixels
 from .records import MultiGranularDataset, Record, RecordError
 
 __all__ = ["RecordImageDataset", "collate_records", "to_tensor"]
@@ -34,8 +35,11 @@ class RecordImageDataset(torch.utils.data.Dataset):
         dataset: MultiGranularDataset,
         split: str | None = None,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.dataset = dataset
+        # Resolved once here (a bad MGLL_MAX_PIXELS fails before training starts) and pickled into workers.
+        self.max_pixels = resolve_max_pixels(max_pixels)
         self.split = split
         self.records: list[Record] = dataset.records if split is None else dataset.split(split)
         self.transform = transform if transform is not None else to_tensor
@@ -44,10 +48,13 @@ class RecordImageDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def load_image(self, i: int) -> Image.Image:
+        """The record's image as RGB; one over the pixel budget is refused from its header, before decoding."""
         path = self.dataset.image_path(self.records[i])
         try:
-            with Image.open(path) as im:
+            with open_image(path, self.max_pixels) as im:
                 return im.convert("RGB")
+        except ImageTooLargeError as e:
+            raise RecordError(str(e)) from None  # already "path: WxH = N MP is over the budget"
         except (OSError, UnidentifiedImageError, ValueError) as e:
             # Workers re-raise in the main process; naming the file is the only useful context left by then.
             raise RecordError(f"{path}: cannot read image ({e})") from None

@@ -15,19 +15,18 @@ import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from PIL import Image
-
 from mgll.io import atomic_path, atomic_write_text
 
 from .build_runner import hash_split, parse_split_spec
 from .build_summary import summarize, write_summary
+from .pixel_budget import open_image
 from .records import DatasetCard, Record, load_dataset, write_dataset
 
 __all__ = ["merge_datasets", "pixel_hash"]
 
 
 def pixel_hash(path: Path) -> str:
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.load()
         h = hashlib.sha256(f"{im.mode}:{im.size}".encode())
         h.update(im.tobytes())

@@ -12,7 +12,7 @@ import json
 import posixpath
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +35,22 @@ __all__ = [
     "find_card",
     "load_card",
     "load_dataset",
+    "records_path",
+    "scan_records",
     "write_dataset",
 ]
 
 
 class RecordError(ValueError):
-    """Raised for any malformed card or record; subclassing ValueError keeps ``except ValueError`` callers working."""
+    """Raised for any malformed card or record; subclassing ValueError keeps ``except ValueError`` callers working.
+
+    ``path`` and ``line`` (1-based, None for the card as a whole) say where, for tools that list many errors.
+    """
+
+    def __init__(self, message: str, path: Path | str | None = None, line: int | None = None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.line = line
 
 
 def _where(path: Path | str, line: int | None = None, field_name: str | None = None) -> str:
@@ -53,7 +63,7 @@ def _where(path: Path | str, line: int | None = None, field_name: str | None = N
 
 
 def _err(path: Path | str, msg: str, line: int | None = None, field_name: str | None = None) -> RecordError:
-    return RecordError(f"{_where(path, line, field_name)}: {msg}")
+    return RecordError(f"{_where(path, line, field_name)}: {msg}", path, line)
 
 
 @dataclass(frozen=True)
@@ -196,8 +206,23 @@ def _parse_card(obj: Any, path: Path | str) -> DatasetCard:
     return DatasetCard(name=name.strip(), levels=tuple(levels), description=desc)
 
 
+def _bad_utf8(path: Path | str, line: int, byte: int, column: int) -> RecordError:
+    as_latin1 = bytes([byte]).decode("latin-1")
+    return _err(
+        path,
+        f"not valid UTF-8: byte 0x{byte:02x} ({as_latin1!r} in Latin-1) at column {column}; save the file as UTF-8",
+        line,
+    )
+
+
 def _read_card_obj(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise _bad_utf8(path, line, raw[e.start], column) from None
     try:
         if path.suffix == ".json":
             return json.loads(text)
@@ -301,9 +326,11 @@ def _parse_record(obj: Any, card: DatasetCard, path: Path | str, line: int) -> R
     )
 
 
-def load_dataset(
-    root: Path | str, records: str | None = None, check_images: bool = True
-) -> MultiGranularDataset:
+_ESCAPED = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" turns each undecodable byte into
+
+
+def records_path(root: Path | str, records: str | None = None) -> tuple[DatasetCard, Path]:
+    """The dataset's card and the path of its records file (the card's ``records`` key, else records.jsonl)."""
     root = Path(root)
     card_path = find_card(root)
     card_obj = _read_card_obj(card_path)
@@ -316,30 +343,61 @@ def load_dataset(
     rec_path = root / rec_name
     if not rec_path.is_file():
         raise RecordError(f"{rec_path}: records file not found")
+    return card, rec_path
 
-    out: list[Record] = []
+
+def scan_records(rec_path: Path, card: DatasetCard) -> Iterator[Record | RecordError]:
+    """Each non-blank line on its own: its :class:`Record`, or the :class:`RecordError` it would raise.
+
+    :func:`load_dataset` stops at the first error; ``mgll check-data`` lists them all. Bytes that are
+    not UTF-8 are reported per line (file, line, byte) rather than as a bare UnicodeDecodeError at a
+    position in the file: the file is decoded with ``surrogateescape`` so one bad byte spoils only its
+    line. Duplicate image entries are reported on their second line. Image files are not looked at.
+    """
     first_line: dict[str, int] = {}
-    with rec_path.open(encoding="utf-8") as fh:
+    with rec_path.open(encoding="utf-8", errors="surrogateescape") as fh:
         for lineno, text in enumerate(fh, start=1):
             if not text.strip():
+                continue
+            bad = _ESCAPED.search(text)
+            if bad:
+                yield _bad_utf8(rec_path, lineno, ord(bad.group()) - 0xDC00, bad.start() + 1)
                 continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise _err(rec_path, f"invalid JSON: {e.msg} (column {e.colno})", lineno, "<json>") from None
-            rec = _parse_record(obj, card, rec_path, lineno)
-            key = _normalise_image(rec.image, rec_path, lineno)
+                yield _err(rec_path, f"invalid JSON: {e.msg} (column {e.colno})", lineno, "<json>")
+                continue
+            try:
+                rec = _parse_record(obj, card, rec_path, lineno)
+                key = _normalise_image(rec.image, rec_path, lineno)
+            except RecordError as e:
+                yield e
+                continue
             if key in first_line:
-                raise _err(
+                yield _err(
                     rec_path,
                     f"duplicate image entry '{rec.image}' (first on line {first_line[key]}, again on line {lineno})",
                     lineno,
                     "image",
                 )
+                continue
             first_line[key] = lineno
-            if check_images and not (root / rec.image).is_file():
-                raise _err(rec_path, f"image file does not exist: {root / rec.image}", lineno, "image")
-            out.append(rec)
+            yield rec
+
+
+def load_dataset(
+    root: Path | str, records: str | None = None, check_images: bool = True
+) -> MultiGranularDataset:
+    root = Path(root)
+    card, rec_path = records_path(root, records)
+    out: list[Record] = []
+    for rec in scan_records(rec_path, card):
+        if isinstance(rec, RecordError):
+            raise rec
+        if check_images and not (root / rec.image).is_file():
+            raise _err(rec_path, f"image file does not exist: {root / rec.image}", rec.line, "image")
+        out.append(rec)
     return MultiGranularDataset(root=root, card=card, records=out)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mgll.data.pixel_budget import resolve_max_pixels
 from mgll.demo import MAX_IMAGE_MB
 from mgll.demo.encoder_view import AUTO_LABEL, EncoderView, LevelProbs, patch_text_similarity
 from mgll.demo.inputs import DICOM_SUFFIXES, DemoInputError, is_dicom, load_image, mcq_preset, parse_question
@@ -160,11 +161,13 @@ class DemoBackend:
     def __init__(self, base: str | os.PathLike, swapped: str | os.PathLike, encoder: str | os.PathLike,
                  data: str | os.PathLike | None = None, host: str | None = None, device: str | None = None,
                  max_image_mb: float = MAX_IMAGE_MB, max_new_tokens: int = 32,
-                 swapped_align: str | os.PathLike | None = None, dtype: torch.dtype | None = None):
+                 swapped_align: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+                 max_pixels: int | None = None):
         if max_image_mb <= 0:
             raise ValueError(f"max_image_mb must be positive, got {max_image_mb}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.max_image_mb = float(max_image_mb)
+        self.max_pixels = resolve_max_pixels(max_pixels)  # resolved now: a bad MGLL_MAX_PIXELS fails at start-up
         self.base = MllmSide(base, host, device, max_new_tokens, dtype=dtype)
         # --host names the base model's family; the swapped twin reads its own from mgll_swap.json
         twin_host = host if not (Path(swapped) / "mgll_swap.json").is_file() else None
@@ -179,7 +182,7 @@ class DemoBackend:
         text, options = parse_question(question)  # cheap checks first: no model runs for a bad request
         if heat_label and not heat_label.startswith(AUTO_LABEL) and heat_label not in self.encoder.label_choices():
             raise DemoInputError(f"unknown heat-map label {heat_label!r}; pick one from the list")
-        image = load_image(path, self.max_image_mb)
+        image = load_image(path, self.max_image_mb, self.max_pixels)
         with self._lock:
             base = self.base.answer(image, text, options)
             swapped = self.swapped.answer(image, text, options)

@@ -59,7 +59,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype != "auto" else None
     backend = DemoBackend(paths["base"], paths["swapped"], paths["encoder"], data=args.data, host=args.host,
                           device=args.device, max_image_mb=args.max_image_mb, max_new_tokens=args.max_new_tokens,
-                          swapped_align=args.swapped_align, dtype=dtype)
+                          swapped_align=args.swapped_align, dtype=dtype, max_pixels=args.max_pixels)
     examples_dir = Path(args.examples_dir) if args.examples_dir else default_examples_dir()
     app = build_app(backend, bundled_examples(examples_dir))
     if not any(getattr(args, k) for k in ("base", "swapped", "encoder")):
@@ -87,6 +87,8 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--max-image-mb", type=float, default=MAX_IMAGE_MB, help="largest accepted upload, in MB")
+    p.add_argument("--max-pixels", default=None,
+                   help="largest accepted image in pixels, checked before decoding (default: MGLL_MAX_PIXELS, else 40M)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation length for free-text questions")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",

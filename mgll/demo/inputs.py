@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mgll.data.pixel_budget import ImageTooLargeError, open_image
 from mgll.demo import MAX_IMAGE_MB
 
 __all__ = ["DICOM_SUFFIXES", "DemoInputError", "is_dicom", "load_image", "mcq_preset", "parse_question"]
@@ -50,11 +51,24 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: str | os.PathLike | None, max_mb: float = MAX_IMAGE_MB) -> Image.Image:
+def _too_large(name: str, e: ImageTooLargeError) -> DemoInputError:
+    """Rebuilt from the parts: the budget message names the server-side path, the page shows the file name."""
+    return DemoInputError(
+        f"{name}: {e.size_text} is over this demo's {e.budget_text}, so it is not decoded "
+        "(start it with `mgll demo --max-pixels N` or MGLL_MAX_PIXELS=N to change the limit)."
+    )
+
+
+def load_image(
+    path: str | os.PathLike | None, max_mb: float = MAX_IMAGE_MB, max_pixels: int | None = None
+) -> Image.Image:
     """The uploaded file as an RGB image; DICOM goes through the build-xray pixel pipeline.
 
     Raises :class:`DemoInputError` for a missing file, a file over ``max_mb``, a file that is not
-    an image and a DICOM whose pixels cannot be rendered.
+    an image, a DICOM whose pixels cannot be rendered, and an image over the pixel budget
+    (``max_pixels``, default ``MGLL_MAX_PIXELS`` or 40 MP). The budget is checked from the header
+    before decoding: a 130 KB deflated DICOM or a small PNG can decode to gigabytes, which the
+    file-size limit cannot see.
     """
     if path is None or str(path) == "":
         raise DemoInputError("No image: upload a fundus photograph, an X-ray (PNG/JPEG) or a DICOM file, or pick an example.")
@@ -68,30 +82,34 @@ def load_image(path: str | os.PathLike | None, max_mb: float = MAX_IMAGE_MB) -> 
             "(start it with `mgll demo --max-image-mb N` to change the limit)."
         )
     if is_dicom(p):
+        from mgll.data.dicom_header import check_dicom_budget
         from mgll.data.dicom_pixels import DicomPixelError, dicom_to_image
 
         try:
+            check_dicom_budget(p, max_pixels)  # header only: a deflated file is not inflated to learn its size
             import pydicom
 
             with warnings.catch_warnings():  # a corrupt file's warnings would only repeat the error reported below
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(p)
             big = max(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) > DICOM_MAX_SIDE
-            return dicom_to_image(ds, size=DICOM_MAX_SIDE if big else None).convert("RGB")
+            return dicom_to_image(ds, size=DICOM_MAX_SIDE if big else None, max_pixels=max_pixels).convert("RGB")
         except DicomPixelError as e:
+            if isinstance(e.__cause__, ImageTooLargeError):
+                raise _too_large(p.name, e.__cause__) from None
             raise DemoInputError(f"{p.name}: unreadable DICOM ({e}).") from None
         except Exception as e:  # pydicom raises many types on corrupt files; all mean "cannot render this"
             raise DemoInputError(f"{p.name}: unreadable DICOM ({type(e).__name__}: {e}).") from None
     try:
-        with Image.open(p) as im:
+        with open_image(p, max_pixels) as im:
             im.load()
             return _to_rgb(im)
+    except ImageTooLargeError as e:
+        raise _too_large(p.name, e) from None
     except UnidentifiedImageError:
         raise DemoInputError(
             f"{p.name}: not an image. Expected a PNG, JPEG, TIFF, BMP or WebP picture, or a DICOM file (.dcm)."
         ) from None
-    except Image.DecompressionBombError as e:
-        raise DemoInputError(f"{p.name}: too many pixels to open safely ({e}).") from None
     except (OSError, ValueError) as e:
         raise DemoInputError(f"{p.name}: the image cannot be decoded ({e}).") from None
 

@@ -25,6 +25,8 @@ class DataConfig:
     split: str = "train"
     num_workers: int = 0
     augment: bool = True  # open_clip's train transform (random resized crop) instead of the eval one
+    check_images: str = "header"  # before step 1: header (size, truncation) | decode (every image) | off
+    max_pixels: int | None = None  # pixel budget per image; None: MGLL_MAX_PIXELS or mgll.data.pixel_budget's default
 
 
 @dataclass
@@ -146,6 +148,8 @@ def _validate(cfg: RunConfig, where: str) -> None:
     t = cfg.train
     if cfg.loss.name not in ("clip", "siglip", "mgll"):
         raise ValueError(f"{where}: loss.name must be clip, siglip or mgll, got {cfg.loss.name!r}")
+    if cfg.data.check_images not in ("header", "decode", "off"):
+        raise ValueError(f"{where}: data.check_images must be header, decode or off, got {cfg.data.check_images!r}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"{where}: train.precision must be auto, fp32, bf16 or fp16, got {t.precision!r}")
     for name in ("batch_size", "steps", "save_every"):

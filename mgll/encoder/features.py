@@ -9,7 +9,8 @@ only on a miss. An architecture with neither saved weights nor a pretrained tag 
 initialised on every build and is never cached.
 
 Cache files live in ``<dataset>/.mgll_cache/`` (or ``cache_dir``) as safetensors, written through
-:func:`mgll.io.atomic_path`. Unreadable images are skipped and listed, not fatal.
+:func:`mgll.io.atomic_path`. Unreadable images, and images over the pixel budget
+(mgll.data.pixel_budget), are skipped and listed, not fatal.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from mgll.data.pixel_budget import ImageTooLargeError, open_image, resolve_max_pixels
 from mgll.data.records import MultiGranularDataset, Record
 from mgll.encoder.factory import ENCODER_CONFIG, create_encoder, resolve_encoder_dir
 from mgll.io import atomic_path
 
-__all__ = ["FeatureSet", "encoder_identity", "extract_features", "feature_cache_key", "CACHE_DIRNAME"]
+__all__ = [
+    "CACHE_DIRNAME", "FeatureSet", "encoder_identity", "extract_features", "feature_cache_key", "read_rgb_or_reason",
+]
 
 CACHE_DIRNAME = ".mgll_cache"
 FEATURE_VERSION = "1"  # bump when what is stored changes (e.g. projection or normalisation)
@@ -78,9 +82,14 @@ def encoder_identity(encoder: str, pretrained: str | None = None) -> tuple[str |
     return None, {"encoder": encoder, "pretrained": None}
 
 
-def feature_cache_key(encoder_digest: str, dataset: MultiGranularDataset, records: Sequence[Record], split: str) -> str:
+def feature_cache_key(
+    encoder_digest: str, dataset: MultiGranularDataset, records: Sequence[Record], split: str,
+    max_pixels: int | None = None,
+) -> str:
     h = hashlib.sha256()
     h.update(f"v{FEATURE_VERSION}|{encoder_digest}|{split}|{Path(dataset.root).resolve()}".encode())
+    # The budget decides which images are skipped, so a raised budget must not reuse the old skip list.
+    h.update(f"|max_pixels={resolve_max_pixels(max_pixels)}".encode())
     for rec in records:
         try:
             st = os.stat(dataset.image_path(rec))
@@ -91,20 +100,28 @@ def feature_cache_key(encoder_digest: str, dataset: MultiGranularDataset, record
     return h.hexdigest()
 
 
+def read_rgb_or_reason(path: Path, max_pixels: int) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None), or (None, why it is skipped): unreadable, truncated or over the pixel budget."""
+    try:
+        with open_image(path, max_pixels) as im:
+            return im.convert("RGB"), None
+    except ImageTooLargeError as e:
+        return None, str(e)  # names the file, its size and the budget
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        return None, f"{path}: cannot read image ({e})"
+
+
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, dataset: MultiGranularDataset, records: Sequence[Record], transform) -> None:
+    def __init__(self, dataset: MultiGranularDataset, records: Sequence[Record], transform, max_pixels: int) -> None:
         self.dataset, self.records, self.transform = dataset, list(records), transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
-        path = self.dataset.image_path(self.records[i])
-        try:
-            with Image.open(path) as im:
-                return i, self.transform(im.convert("RGB")), None
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            return i, None, f"{path}: cannot read image ({e})"
+        img, why = read_rgb_or_reason(self.dataset.image_path(self.records[i]), self.max_pixels)
+        return (i, None, why) if img is None else (i, self.transform(img), None)
 
 
 def _collate(batch):
@@ -142,14 +159,20 @@ def extract_features(
     num_workers: int = 0,
     progress: bool = True,
     use_cache: bool = True,
+    max_pixels: int | None = None,
 ) -> FeatureSet:
-    """Image features of ``records`` (one split), from the cache when the key matches."""
+    """Image features of ``records`` (one split), from the cache when the key matches.
+
+    Images that cannot be read or are over the pixel budget (``max_pixels``, default
+    ``MGLL_MAX_PIXELS`` or 40 MP, checked from the header) are skipped and listed with the reason.
+    """
     encoder = str(encoder)
+    max_pixels = resolve_max_pixels(max_pixels)
     images = [r.image for r in records]
     digest, ident = encoder_identity(encoder, pretrained)
     path = None
     if use_cache and digest is not None:
-        key = feature_cache_key(digest, dataset, records, split)
+        key = feature_cache_key(digest, dataset, records, split, max_pixels)
         cdir = Path(cache_dir) if cache_dir is not None else Path(dataset.root) / CACHE_DIRNAME
         path = cdir / f"features-{split}-{key[:24]}.safetensors"
         if path.is_file():
@@ -160,7 +183,7 @@ def extract_features(
     model, _, preprocess_val, _, _ = create_encoder(encoder, pretrained=pretrained, device=device)
     model.eval()
     loader = torch.utils.data.DataLoader(
-        _Images(dataset, records, preprocess_val), batch_size=batch_size, shuffle=False,
+        _Images(dataset, records, preprocess_val, max_pixels), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=_collate,
     )
     rows: list[np.ndarray] = []

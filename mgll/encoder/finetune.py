@@ -38,16 +38,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mgll.data import load_dataset
+from mgll.data.pixel_budget import ImageTooLargeError, open_image, resolve_max_pixels
 from mgll.data.records import MultiGranularDataset, Record, RecordError
 from mgll.encoder.checkpoint import load_checkpoint, load_newest_intact, save_checkpoint
 from mgll.encoder.factory import create_encoder
+from mgll.encoder.features import read_rgb_or_reason
 from mgll.encoder.metrics import evaluate_scores
 from mgll.encoder.probe import encoder_label
 from mgll.encoder.reports import write_report
@@ -86,29 +88,31 @@ class FinetuneModel(nn.Module):
 class _Labelled(Dataset):
     def __init__(self, ds: MultiGranularDataset, records: Sequence[Record], targets: np.ndarray, transform):
         self.ds, self.records, self.targets, self.transform = ds, list(records), targets, transform
+        self.max_pixels = resolve_max_pixels()
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
-        path = self.ds.image_path(self.records[i])
-        try:
-            with Image.open(path) as im:
-                img = self.transform(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise RecordError(f"{path}: cannot read image ({e})") from None
+        img, why = read_rgb_or_reason(self.ds.image_path(self.records[i]), self.max_pixels)
+        if img is None:
+            raise RecordError(why)
+        img = self.transform(img)
         return img, torch.as_tensor(self.targets[i])
 
 
 def _readable(ds: MultiGranularDataset, records: Sequence[Record]) -> tuple[list[Record], list[dict]]:
-    """Records whose image opens (header only); the rest are skipped and reported, not fatal."""
+    """Records whose image opens within the pixel budget (header only); the rest are skipped and reported, not fatal."""
     ok, bad = [], []
+    budget = resolve_max_pixels()
     for rec in records:
         path = ds.image_path(rec)
         try:
-            with Image.open(path):
+            with open_image(path, budget):
                 pass
             ok.append(rec)
+        except ImageTooLargeError as e:
+            bad.append({"image": rec.image, "line": rec.line, "reason": str(e)})
         except (OSError, UnidentifiedImageError, ValueError) as e:
             bad.append({"image": rec.image, "line": rec.line, "reason": f"{path}: cannot read image ({e})"})
     return ok, bad

@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mgll.data import RecordImageDataset, collate_records, load_dataset
+from mgll.data.image_checks import preflight_images
+from mgll.data.records import RecordError
 from mgll.encoder.checkpoint import (
     checkpoint_rng,
     load_checkpoint,
@@ -188,6 +190,28 @@ def _grad_norm(accelerator: Accelerator, model, cfg: RunConfig, stage: int | Non
     return float(norm)
 
 
+def _preflight(cfg: RunConfig, dataset, accelerator: Accelerator) -> None:
+    """Check every training image before step 1 (``data.check_images``), so a truncated or oversized
+    file fails the run in seconds, naming the file, instead of hours in when the sampler reaches it.
+    The main process checks; all processes stop together."""
+    if cfg.data.check_images == "off":
+        return
+    problems = []
+    if accelerator.is_main_process:
+        problems = preflight_images(
+            dataset, split=cfg.data.split, max_pixels=cfg.data.max_pixels,
+            decode=cfg.data.check_images == "decode", workers=max(1, cfg.data.num_workers),
+        )
+    if not all_ranks_agree(not problems, accelerator.device):
+        shown = "; ".join(f"{p['image']}: {p['reason']} ({p['detail']})" for p in problems[:5])
+        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise RecordError(
+            f"{cfg.data.path}: {len(problems) or 'some'} image(s) of split {cfg.data.split!r} cannot be used: "
+            f"{shown or 'see the main process'}{more}. `mgll check-data {cfg.data.path}` lists them all; fix or "
+            "remove them (or set data.check_images=off to find them during training instead)"
+        )
+
+
 def train(
     cfg: RunConfig,
     resume: bool = False,
@@ -219,8 +243,12 @@ def train(
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     dataset = load_dataset(cfg.data.path)
+    _preflight(cfg, dataset, accelerator)
     model, preprocess_train, preprocess_val, model_name = build_model(cfg, dataset.card.levels)
-    images = RecordImageDataset(dataset, split=cfg.data.split, transform=preprocess_train if cfg.data.augment else preprocess_val)
+    images = RecordImageDataset(
+        dataset, split=cfg.data.split, transform=preprocess_train if cfg.data.augment else preprocess_val,
+        max_pixels=cfg.data.max_pixels,
+    )
     if len(images) == 0:
         raise ValueError(f"{cfg.data.path}: no records in split {cfg.data.split!r}; splits: {dataset.splits()}")
 

@@ -45,13 +45,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from mgll.data import load_dataset
+from mgll.data.pixel_budget import resolve_max_pixels
 from mgll.data.records import MultiGranularDataset, Record
 from mgll.encoder.factory import create_encoder
-from mgll.encoder.features import encoder_identity, extract_features
+from mgll.encoder.features import encoder_identity, extract_features, read_rgb_or_reason
 from mgll.encoder.metrics import evaluate_scores
 from mgll.encoder.probe import encoder_label
 from mgll.encoder.tasks import Task, make_task, task_records, task_targets
@@ -155,7 +155,8 @@ def bound_by_parents(
 def encode_images(
     model, preprocess, dataset: MultiGranularDataset, records: Sequence[Record], device="cpu", batch_size: int = 64, progress: bool = True
 ) -> tuple[torch.Tensor, list[int], list[dict]]:
-    """L2-normalised image features of the readable records; unreadable images are skipped and listed."""
+    """L2-normalised image features of the readable records; unreadable or over-budget images are skipped and listed."""
+    budget = resolve_max_pixels()
     feats, kept, skipped = [], [], []
     batch, idx = [], []
 
@@ -168,13 +169,11 @@ def encode_images(
         idx.clear()
 
     for i, rec in enumerate(tqdm(records, desc="encode images", disable=not progress, dynamic_ncols=True)):
-        path = dataset.image_path(rec)
-        try:
-            with Image.open(path) as im:
-                batch.append(preprocess(im.convert("RGB")))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            skipped.append({"image": rec.image, "line": rec.line, "reason": f"{path}: cannot read image ({e})"})
+        img, why = read_rgb_or_reason(dataset.image_path(rec), budget)
+        if img is None:
+            skipped.append({"image": rec.image, "line": rec.line, "reason": why})
             continue
+        batch.append(preprocess(img))
         idx.append(i)
         if len(batch) == batch_size:
             flush()

@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mgll.data import FUNDUS_DISEASES, load_dataset
+from mgll.data.pixel_budget import load_rgb
 from mgll.io import atomic_path, atomic_write_json
 from mgll.mllm_eval.question_bank import QUESTION, build_bank, write_bank
 from mgll.mllm_eval.report import compare
@@ -101,8 +102,7 @@ def train_pairs(model, processor, pairs, steps: int, batch_size: int = 8, lr: fl
         idx, order = order[:batch_size], order[batch_size:]
         for i in idx:
             if pairs[i][0] not in images:
-                with Image.open(pairs[i][0]) as im:
-                    images[pairs[i][0]] = im.convert("RGB")
+                images[pairs[i][0]] = load_rgb(pairs[i][0])
         batch = _batch(model, processor, [images[pairs[i][0]] for i in idx], [pairs[i][1] for i in idx],
                        [pairs[i][2] for i in idx])
         loss = model(**batch).loss

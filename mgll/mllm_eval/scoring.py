@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mgll.adapters.hosts import get_host
+from mgll.data.pixel_budget import load_rgb
 from mgll.io import atomic_write_json
 from mgll.mllm_eval.extract import extract_answer
 from mgll.mllm_eval.question_bank import LETTERS, QuestionBank, Variant, load_bank
@@ -315,9 +316,8 @@ def run_bank(
                 continue
             path = bank.image_path(q, data_root)
             try:
-                with Image.open(path) as im:
-                    image = im.convert("RGB")
-            except OSError as e:
+                image = load_rgb(path)
+            except (OSError, ValueError) as e:  # ValueError: over the pixel budget (the message names the file)
                 skipped.append(f"{q.qid} {path}: {e.__class__.__name__}: {e}")
                 continue
             for v in todo:
