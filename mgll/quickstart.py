@@ -43,9 +43,10 @@ def run_quickstart(
     mcq_steps: int = 1500,
 ) -> dict:
     from mgll.data.synthetic import make_synthetic
-    from mgll.encoder.compare import compare_runs
+    from mgll.encoder.compare import compare_runs, compare_verdict
     from mgll.encoder.probe import run_probe
     from mgll.encoder.trainer import train
+    from mgll.mllm_eval.report import mcq_verdict
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -77,6 +78,8 @@ def run_quickstart(
     )
     print()
     print(cmp["markdown"])
+    probe_verdict = compare_verdict(cmp["comparison"])
+    print(f"probe verdict (macro AUC, paired bootstrap over the test images): {probe_verdict}")
     mcq = None
     shutil.rmtree(out / "mcq", ignore_errors=True)  # from earlier encoders: the demo would reuse its finished stages
     if mcq_steps > 0:
@@ -88,6 +91,7 @@ def run_quickstart(
         )
         print()
         print(mcq["table"])
+        print(f"MCQ verdict (average accuracy, points; paired bootstrap over questions): {mcq_verdict(mcq)}")
     minutes = (time.perf_counter() - t0) / 60
     print(f"\nquickstart done in {minutes:.1f} min")
     print(f"  data:           {data_dir}")

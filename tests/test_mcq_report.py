@@ -1,12 +1,13 @@
-"""Per-disease accuracy, unweighted average and the + MGLL delta on a hand-made result set."""
+"""Per-disease accuracy, unweighted average, the + MGLL delta and its paired CI on hand-made result sets."""
 
 import json
 
 import pytest
 import torch
 
-from mgll.mllm_eval.question_bank import Question, QuestionBank
-from mgll.mllm_eval.report import compare, compare_table, load_results, summarise, write_results
+from mgll.mllm_eval.paired import paired_accuracy
+from mgll.mllm_eval.question_bank import Question, QuestionBank, write_bank
+from mgll.mllm_eval.report import compare, compare_table, load_results, mcq_verdict, summarise, write_results
 
 torch.set_num_threads(1)
 
@@ -81,3 +82,86 @@ def test_compare_table_delta_json_and_png(tmp_path):
     assert "Δ" not in compare_table([base])  # no pair, no delta row
     with pytest.raises(ValueError, match=r"duplicate run labels \['LLaVA-Med'\]"):
         compare([base, base], tmp_path / "dup")
+
+
+# ----------------------------------------------------------------------------- paired bootstrap over questions
+
+BASE_RIGHT = [True, False, True, True, True, False, False]  # AMD 1/2, CAT 3/4, GLA 0/1
+MGLL_RIGHT = [True, True, True, True, True, True, False]  # AMD 2/2, CAT 4/4, GLA 0/1
+
+
+def test_paired_delta_per_disease_and_average_on_known_answers(tmp_path):
+    bank = _bank([AMD, AMD, CAT, CAT, CAT, CAT, GLA])
+    base = summarise(bank, _answers(bank, BASE_RIGHT), label="LLaVA-Med")
+    mgll = summarise(bank, _answers(bank, MGLL_RIGHT), label="LLaVA-Med + MGLL")
+    assert base["questions"][1] == {"qid": "q1", "disease": AMD, "correct": False}
+    summary = compare([base, mgll], tmp_path / "cmp", bootstrap=1000, seed=0)
+    p = summary["deltas"]["LLaVA-Med + MGLL"]["paired"]
+    amd, cat, gla = (p["per_disease"][d] for d in (AMD, CAT, GLA))
+    # AMD: one of two questions flips, so a redraw of 2 gives 0, 50 or 100 (p = 1/4, 1/2, 1/4)
+    assert (amd["delta"], amd["lo"], amd["hi"], amd["n"]) == (50.0, 0.0, 100.0, 2)
+    # CAT: one of four flips; P(Δ >= 75) = 5.1% but P(Δ = 100) = 0.4%, so the 97.5th percentile is 75
+    assert (cat["delta"], cat["lo"], cat["hi"], cat["n"]) == (25.0, 0.0, 75.0, 4)
+    assert (gla["delta"], gla["lo"], gla["hi"]) == (0.0, 0.0, 0.0)  # both wrong: no doubt about Δ = 0
+    assert set(p["per_disease"]) == {AMD, CAT, GLA}  # diseases without questions are not in the average
+    avg = p["average"]
+    assert avg["delta"] == pytest.approx(25.0) and avg["lo"] == 0.0 and avg["delta"] <= avg["hi"] <= (100 + 75 + 0) / 3
+    assert (avg["n"], avg["bootstrap"], avg["replicates"], avg["seed"], avg["excludes_zero"]) == (7, 1000, 1000, 0, False)
+    lines = summary["table"].splitlines()
+    assert lines[5] == "| *Δ vs LLaVA-Med* | +50.00 | +25.00 | - | - | +0.00 | - | - | - | - | - | +25.00 |"  # no *
+    assert lines[6].startswith("| *95% CI (paired)* | [+0.00, +100.00] | [+0.00, +75.00] | - | - | [+0.00, +0.00] | - |")
+    assert "paired bootstrap over the same questions, redrawn within each disease (1000 replicates, seed 0)" in summary["table"]
+    assert mcq_verdict(summary) == (f"LLaVA-Med + MGLL − LLaVA-Med = +25.00 [+0.00, {avg['hi']:+.2f}]: "
+                                    "no difference at this size")
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert saved["deltas"]["LLaVA-Med + MGLL"]["paired"] == p
+    same = paired_accuracy(base, summarise(bank, _answers(bank, BASE_RIGHT), label="copy"), summary["diseases"], 200, 0)
+    assert all((s["delta"], s["lo"], s["hi"]) == (0.0, 0.0, 0.0) for s in [*same["per_disease"].values(), same["average"]])
+
+
+def test_paired_delta_excludes_zero_when_many_questions_flip(tmp_path):
+    bank = _bank([CAT] * 12 + [AMD] * 4)
+    base = summarise(bank, _answers(bank, [False] * 12 + [True] * 4), label="X")
+    mgll = summarise(bank, _answers(bank, [True] * 11 + [False] + [True] * 4), label="X + MGLL")
+    summary = compare([base, mgll], tmp_path / "cmp", bootstrap=500, seed=1)
+    p = summary["deltas"]["X + MGLL"]["paired"]
+    cat = p["per_disease"][CAT]
+    assert cat["delta"] == pytest.approx(100 * 11 / 12) and cat["lo"] > 50 and cat["hi"] == 100.0 and cat["excludes_zero"]
+    assert p["average"]["delta"] == pytest.approx(100 * 11 / 12 / 2) and p["average"]["excludes_zero"]
+    delta_row = summary["table"].splitlines()[5]
+    assert delta_row.startswith("| *Δ vs X* | +0.00 | +91.67* |") and delta_row.endswith(f"| {100 * 11 / 24:+.2f}* |")
+    assert mcq_verdict(summary).endswith(": X + MGLL higher") and mcq_verdict(summary, disease=AMD).endswith("+0.00]: no difference at this size")
+
+
+def test_paired_circular_bank_resamples_questions_not_rotations(tmp_path):
+    bank = _bank([AMD, AMD, CAT], circular=True)
+    base = summarise(bank, _answers(bank, [[True, True, True, False], True, True]), label="X")  # q0 fails one rotation
+    mgll = summarise(bank, _answers(bank, [True, True, True]), label="X + MGLL")
+    p = compare([base, mgll], tmp_path / "cmp", bootstrap=300)["deltas"]["X + MGLL"]["paired"]
+    amd = p["per_disease"][AMD]
+    assert amd["n"] == 2 and amd["delta"] == 50.0 and (amd["lo"], amd["hi"]) == (0.0, 100.0)  # 2 questions, not 8 prompts
+    assert p["n"] == 3
+
+
+def test_paired_refuses_different_questions_and_rebuilds_old_results(tmp_path):
+    bank = _bank([AMD, AMD, CAT, CAT, CAT, CAT, GLA])
+    small = QuestionBank(questions=bank.questions[:-1], k=4)
+    base = summarise(bank, _answers(bank, BASE_RIGHT), label="X")
+    other = summarise(small, _answers(small, MGLL_RIGHT[:-1]), label="X + MGLL")
+    with pytest.raises(ValueError, match=r"'X \+ MGLL' vs 'X': not scored on the same questions \(1 only in 'X': q6; 0 only"):
+        compare([base, other], tmp_path / "cmp")
+    # a results.json from before per-question outcomes were stored: rebuilt from answers.jsonl + the bank
+    write_bank(bank, tmp_path / "bank.jsonl")
+    rows = _answers(bank, BASE_RIGHT)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    old = {k: v for k, v in base.items() if k != "questions"}
+    old["run"] = {"bank": str(tmp_path / "bank.jsonl")}
+    write_results(tmp_path / "run", old)
+    assert load_results(tmp_path / "run")["questions"] == base["questions"]
+    (tmp_path / "run" / "answers.jsonl").unlink()
+    gone = load_results(tmp_path / "run")
+    assert gone["questions"] is None
+    summary = compare([gone, summarise(bank, _answers(bank, MGLL_RIGHT), label="X + MGLL")], tmp_path / "cmp2")
+    assert summary["deltas"]["X + MGLL"]["paired"] is None and "95% CI" not in summary["table"]
+    assert mcq_verdict(summary) == "X + MGLL − X = +25.00: no CI"

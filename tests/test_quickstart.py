@@ -1,6 +1,7 @@
 """`mgll quickstart` end to end at a reduced size: data, two encoders, both loadable."""
 
 import json
+import re
 
 import open_clip
 
@@ -13,6 +14,9 @@ def test_quickstart_writes_data_and_both_encoders(tmp_path, capsys):
     assert main(["quickstart", "--out", str(out), "--n", "120", "--steps", "4", "--mcq-steps", "3", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert str(out / "encoder-mgll" / "encoder") in printed and str(out / "encoder-clip" / "encoder") in printed
+    # the verdicts come from the paired bootstrap: "MGLL − CLIP = +x [lo, hi]: ..."
+    assert re.search(r"probe verdict .*: MGLL − CLIP = [+−]\d\.\d{3} \[[+−]\d\.\d{3}, [+−]\d\.\d{3}\]: ", printed), printed
+    assert re.search(r"MCQ verdict .*: tiny LLaVA \+ MGLL − tiny LLaVA = ", printed), printed
     assert (out / "data" / "synthetic-fundus" / "records.jsonl").is_file()
     # stage 4: both encoders probed on the disease level (multi-label) and compared, CLIP first
     assert "| metric / class AUC | CLIP | MGLL | Δ MGLL − CLIP |" in printed

@@ -35,9 +35,21 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from mgll.encoder.compare import compare_runs
+    if args.seed_runs or args.vs:
+        if args.runs:
+            raise ValueError("give runs either positionally or as --runs A1 A2 ... --vs B1 B2 ..., not both")
+        if not (args.seed_runs and args.vs):
+            raise ValueError("--runs and --vs go together (one B run per A run, same seed)")
+        from mgll.encoder.compare_seeds import compare_seeds
 
-    res = compare_runs(args.runs, args.out, labels=args.labels, title=args.title)
+        res = compare_seeds(args.seed_runs, args.vs, args.out, labels=args.labels, title=args.title,
+                            bootstrap=args.bootstrap, seed=args.seed)
+    else:
+        if not args.runs:
+            raise ValueError("no runs given")
+        from mgll.encoder.compare import compare_runs
+
+        res = compare_runs(args.runs, args.out, labels=args.labels, title=args.title, bootstrap=args.bootstrap, seed=args.seed)
     print(res["markdown"])
     print(f"wrote {res['json']}, {res['md']} and {res['png']}")
     return 0
@@ -71,9 +83,17 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_probe)
 
-    p = subparsers.add_parser("compare", help="put several evaluation runs side by side (table + bar chart)")
-    p.add_argument("runs", nargs="+", help="evaluation folders (or their metrics.json)")
+    p = subparsers.add_parser(
+        "compare", help="put evaluation runs side by side (table + bar chart) with paired bootstrap CIs of the differences"
+    )
+    p.add_argument("runs", nargs="*", help="evaluation folders (or their metrics.json); Δ is against the first")
+    p.add_argument("--runs", dest="seed_runs", nargs="+", metavar="A", help="several seeds of recipe A (use with --vs)")
+    p.add_argument("--vs", nargs="+", metavar="B", help="the same seeds of recipe B, in the same order as --runs")
     p.add_argument("--out", required=True, help="output folder for metrics.json / metrics.md / compare.png")
-    p.add_argument("--labels", nargs="+", help="column names, one per run (default: each run's encoder label)")
+    p.add_argument("--labels", nargs="+", help="column names, one per run, or one per arm with --runs/--vs "
+                                               "(default: each run's encoder label; A and B)")
     p.add_argument("--title", default="Encoder comparison")
+    p.add_argument("--bootstrap", type=int, default=None,
+                   help="paired bootstrap replicates (default: the first run's own; 0 = no CIs)")
+    p.add_argument("--seed", type=int, default=None, help="paired bootstrap seed (default: the first run's own)")
     p.set_defaults(func=_cmd_compare)

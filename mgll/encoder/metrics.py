@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from mgll.encoder.tasks import Task
 
-__all__ = ["evaluate_scores", "undefined_reason", "as_matrices"]
+__all__ = ["evaluate_scores", "undefined_reason", "as_matrices", "point_metrics", "percentile_ci"]
 
 _SUM_TOL = 1e-3
 
@@ -186,3 +186,20 @@ def _bootstrap(kind: str, Y: np.ndarray, S: np.ndarray, b: int, seed: int) -> tu
     ci = {"macro_auc": _ci(macro), "accuracy": _ci(acc), "map": _ci(maps)}
     per = {"auc": [_ci(aucs[:, k]) for k in range(c)], "ap": [_ci(aps[:, k]) for k in range(c)]}
     return ci, per
+
+
+def point_metrics(kind: str, Y: np.ndarray, S: np.ndarray) -> dict:
+    """Macro AUC, mAP, accuracy and per-class AUC/AP (NaN where undefined) of one (resampled) split.
+
+    The numbers one bootstrap replicate above computes, for callers that resample themselves (the
+    paired bootstrap of :mod:`mgll.encoder.paired`), so every replicate anywhere is scored by the
+    same code and undefined classes are dropped from the macro averages the same way.
+    ``Y``/``S`` are the matrices :func:`as_matrices` returns.
+    """
+    auc, ap = _per_class_values(Y, S)
+    return {"macro_auc": _nanmean(auc), "map": _nanmean(ap), "accuracy": _accuracy(kind, Y, S), "auc": auc, "ap": ap}
+
+
+def percentile_ci(values) -> list[float] | None:
+    """The 2.5/97.5 percentile interval over the defined (not None, not NaN) values, or None."""
+    return _ci(values)

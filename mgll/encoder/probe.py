@@ -35,6 +35,7 @@ from mgll.data.records import MultiGranularDataset, Record, RecordError, load_da
 from mgll.encoder.features import FeatureSet, extract_features
 from mgll.encoder.metrics import evaluate_scores
 from mgll.encoder.reports import write_report
+from mgll.encoder.scores import write_scores
 from mgll.encoder.tasks import Task, make_task, task_records, task_targets
 
 __all__ = [
@@ -333,11 +334,13 @@ def run_probe(
             warn.append(f"{len(shared)} patient(s) appear in both {a} and {b} (e.g. {sorted(shared)[:3]}): results may be optimistic")
 
     results: dict[str, dict] = {}
+    test_scores: dict[str, np.ndarray] = {}  # kept for paired comparisons (`mgll compare`)
     for frac in fractions:
         idx = fraction_indices(_patients(rtr_all), indicator(task, ytr_all), float(frac), seed)
         Xtr, ytr = Xtr_all[idx], ytr_all[idx]
         predict, info = fit_head(task, Xtr, ytr, Xva, yva, head=head, seed=seed)
-        m = evaluate_scores(task, yte, predict(Xte), bootstrap=bootstrap, seed=seed)
+        P = predict(Xte)
+        m = evaluate_scores(task, yte, P, bootstrap=bootstrap, seed=seed)
         m["train"] = {
             "fraction": float(frac),
             "n_images": int(len(idx)),
@@ -346,6 +349,7 @@ def run_probe(
         }
         m["head"] = {"name": head, **info}
         results[f"fraction {float(frac):g}"] = m
+        test_scores[f"fraction {float(frac):g}"] = P
 
     report = {
         "command": "probe",
@@ -365,6 +369,8 @@ def run_probe(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out is not None:
+        # scores first: the report records their hash, so a report never points at another run's scores
+        report["scores_file"] = write_scores(out, [r.image for r in rte], yte, test_scores)
         json_path, md_path = write_report(out, report, f"Linear probe: {report['label']} on {ds.card.name} / {level}")
         report["paths"] = {"json": str(json_path), "md": str(md_path)}
     return report

@@ -59,7 +59,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if label:
             res["label"] = label
         results.append(res)
-    summary = compare(results, args.out)
+    summary = compare(results, args.out, bootstrap=args.bootstrap, seed=args.seed)
     print(summary["table"], end="")
     print(f"wrote {Path(args.out) / 'comparison.md'}, comparison.json, comparison.png")
     return 0
@@ -98,7 +98,11 @@ def register(sub) -> None:
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_run)
 
-    c = mcq.add_parser("compare", help="Table 2 layout: per-disease accuracy, average and + MGLL deltas, with a bar chart")
+    c = mcq.add_parser("compare", help="Table 2 layout: per-disease accuracy, average and + MGLL deltas with paired "
+                                     "bootstrap CIs, and a bar chart")
     c.add_argument("runs", nargs="+", metavar="[LABEL=]RUN", help="run folders (or results.json files)")
     c.add_argument("--out", required=True, help="folder for comparison.md/.json/.png")
+    c.add_argument("--bootstrap", type=int, default=1000,
+                   help="replicates of the paired bootstrap over questions behind each delta's 95%% CI (0 = none)")
+    c.add_argument("--seed", type=int, default=0, help="seed of that bootstrap")
     c.set_defaults(func=_cmd_compare)
