@@ -115,16 +115,16 @@ def test_every_problem_is_reported_with_its_file(broken, tmp_path, capsys):
     assert [p["image"] for p in by["too_large"]] == [img[5]]
     assert "100x100 = 10,000 pixels is over the 5,000-pixel budget" in by["too_large"][0]["detail"]
     assert [p["image"] for p in by["unreadable"]] == [img[6]]
-    assert [p["image"] for p in by["rgb_clipped"]] == [img[7]] and "100%" in by["rgb_clipped"][0]["detail"]
+    assert not any(p["image"] == img[7] for p in rep["problems"])  # 16-bit: rescaled as training reads it, not a problem
     assert [p["image"] for p in by["label_variants"]] == [img[8]]
     assert "'NORMAL' x1" in by["label_variants"][0]["detail"] and "level 'status'" in by["label_variants"][0]["detail"]
     assert [p["image"] for p in by["split_name"]] == [img[9]] and "'valid'" in by["split_name"][0]["detail"]
     assert [(p["line"], p["image"]) for p in by["bad_record"]] == [(11, None)]
     assert "records.jsonl:11: not valid UTF-8: byte 0xe9" in by["bad_record"][0]["detail"]
-    for reason in ("truncated", "empty", "too_large", "unreadable", "rgb_clipped", "duplicate"):
+    for reason in ("truncated", "empty", "too_large", "unreadable", "duplicate"):
         p = by[reason][0]
         assert p["image"] == img[p["line"] - 1] and (p["image"] in p["detail"] or reason == "duplicate")
-    assert set(by) == {"truncated", "empty", "duplicate", "too_large", "unreadable", "rgb_clipped",
+    assert set(by) == {"truncated", "empty", "duplicate", "too_large", "unreadable",
                        "label_variants", "split_name", "bad_record"}
     assert rep["counts"] == {r: len(v) for r, v in by.items()}
     text = capsys.readouterr().out
@@ -190,7 +190,7 @@ def test_preflight_finds_truncated_and_empty_images_without_decoding(broken, mon
     assert [p["image"] for p in over] == [img[5]] and "100x100 = 10,000 pixels" in over[0]["detail"]
     monkeypatch.undo()
     full = {p["reason"] for p in preflight_images(root, decode=True, workers=2)}
-    assert full == {"truncated", "empty", "unreadable", "rgb_clipped"}
+    assert full == {"truncated", "empty", "unreadable"}
 
 
 def test_preflight_split_and_budget(broken):

@@ -7,7 +7,7 @@ every image once, in parallel, and reports:
 
 * records lines the loader would refuse (not UTF-8, bad JSON, schema errors, duplicate entries);
 * images that are missing, empty, unidentifiable, truncated, corrupt, over the pixel budget, not
-  convertible to RGB, or 16-bit images that ``convert("RGB")`` (what training does) saturates;
+  convertible to RGB (as training reads them: ``mgll.data.rgb``, which rescales 16-bit grayscale);
 * duplicate images (same bytes, by SHA-256), flagged as a leak when the copies are in different splits;
 * label problems the loader accepts but that are real mistakes: labels of one level that differ only
   by case or whitespace ("Glaucoma" / "glaucoma"), split names other than train/val/test (which is

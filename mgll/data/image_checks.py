@@ -7,7 +7,7 @@ truncation without decoding pixels: a PNG is ``verify()``-ed (inflates and CRC-c
 no unfiltering), a JPEG must end with its end-of-image marker. Measured on a loaded 2-core machine
 (benchmarks/results/image_budget.md): 0.24 ms per 64 px image (0.54 ms decoded), 8 ms for a
 2000 x 2000 photo PNG (129 ms decoded). ``mgll check-data`` decodes every image (``decode=True``), which also finds
-corrupt pixel data and 16-bit images that ``convert("RGB")`` would saturate.
+corrupt pixel data (16-bit grayscale is rescaled to 8 bits by ``mgll.data.rgb``, as training reads it).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .pixel_budget import ImageTooLargeError, open_image, resolve_max_pixels
 from .records import MultiGranularDataset, load_dataset
+from .rgb import to_rgb
 
 __all__ = ["REASONS", "inspect_image", "preflight_images"]
 
@@ -34,10 +34,8 @@ REASONS = {
     "corrupt": "the pixel data cannot be decoded",
     "too_large": "over the pixel budget (MGLL_MAX_PIXELS or --max-pixels)",
     "not_rgb": "convert('RGB') fails",
-    "rgb_clipped": "high-bit-depth values that convert('RGB') saturates at 255",
 }
 _JPEG_TAIL = 64 * 1024  # JPEG trailers (MPO, camera data) end with an EOI too; a cut scan never contains FF D9
-_HIGH_DEPTH = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def _truncation(path: Path, fmt: str | None, im: Image.Image) -> str | None:
@@ -63,15 +61,9 @@ def _decode(im: Image.Image) -> list[tuple[str, str]]:
         msg = f"{type(e).__name__}: {e}"
         return [("truncated" if "truncated" in msg.lower() else "corrupt", msg)]
     try:
-        im.convert("RGB")
+        to_rgb(im)  # what training does (16-bit grayscale is rescaled there, not clipped)
     except Exception as e:  # noqa: BLE001
         return [("not_rgb", f"mode {im.mode}: {type(e).__name__}: {e}")]
-    if im.mode in _HIGH_DEPTH:
-        arr = np.asarray(im)
-        if arr.size and float(arr.max()) > 255:
-            hi = float((arr >= 255).mean())
-            return [("rgb_clipped", f"mode {im.mode}, values {arr.min():g}-{arr.max():g}: convert('RGB') "
-                                    f"saturates {hi:.0%} of the pixels at 255; rescale it to 8 bits")]
     return []
 
 

@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .pixel_budget import ImageTooLargeError, open_image, resolve_max_pixels
 from .records import MultiGranularDataset, Record, RecordError
+from .rgb import to_rgb
 
 __all__ = ["RecordImageDataset", "collate_records", "to_tensor"]
 
@@ -52,7 +53,7 @@ class RecordImageDataset(torch.utils.data.Dataset):
         path = self.dataset.image_path(self.records[i])
         try:
             with open_image(path, self.max_pixels) as im:
-                return im.convert("RGB")
+                return to_rgb(im)
         except ImageTooLargeError as e:
             raise RecordError(str(e)) from None  # already "path: WxH = N MP is over the budget"
         except (OSError, UnidentifiedImageError, ValueError) as e:

@@ -11,10 +11,10 @@ import re
 import warnings
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mgll.data.pixel_budget import ImageTooLargeError, open_image
+from mgll.data.rgb import to_rgb
 from mgll.demo import MAX_IMAGE_MB
 
 __all__ = ["DICOM_SUFFIXES", "DemoInputError", "is_dicom", "load_image", "mcq_preset", "parse_question"]
@@ -39,16 +39,6 @@ def is_dicom(path: str | os.PathLike) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:] == b"DICM"
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB; 16-bit and float grayscale (PNG/TIFF X-rays) are min-max stretched rather than clipped."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-        im = Image.fromarray(np.round(arr * 255).astype(np.uint8))
-    return im.convert("RGB")
 
 
 def _too_large(name: str, e: ImageTooLargeError) -> DemoInputError:
@@ -103,7 +93,7 @@ def load_image(
     try:
         with open_image(p, max_pixels) as im:
             im.load()
-            return _to_rgb(im)
+            return to_rgb(im)
     except ImageTooLargeError as e:
         raise _too_large(p.name, e) from None
     except UnidentifiedImageError:

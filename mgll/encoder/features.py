@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from mgll.data.pixel_budget import ImageTooLargeError, open_image, resolve_max_pixels
 from mgll.data.records import MultiGranularDataset, Record
+from mgll.data.rgb import to_rgb
 from mgll.encoder.factory import ENCODER_CONFIG, create_encoder, resolve_encoder_dir
 from mgll.io import atomic_path
 
@@ -104,7 +105,7 @@ def read_rgb_or_reason(path: Path, max_pixels: int) -> tuple[Image.Image | None,
     """(RGB image, None), or (None, why it is skipped): unreadable, truncated or over the pixel budget."""
     try:
         with open_image(path, max_pixels) as im:
-            return im.convert("RGB"), None
+            return to_rgb(im), None
     except ImageTooLargeError as e:
         return None, str(e)  # names the file, its size and the budget
     except (OSError, UnidentifiedImageError, ValueError) as e:
