@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pydicom
 import pytest
+from helpers.dataset_copy import copy_records
 from helpers.dicom_factory import make_dataset, write_dicom
 from PIL import Image
 from pydicom.filebase import DicomBytesIO
@@ -240,18 +241,11 @@ def test_record_dataset_names_the_file_where_pil_bombs(tmp_path, monkeypatch):
 
 
 def test_probe_features_skip_and_list_an_oversized_image(fundus_dataset, tiny_encoder, tmp_path, monkeypatch):
-    import shutil
-
     from mgll.encoder.features import extract_features
     from mgll.encoder.probe import run_probe
 
     root = tmp_path / "ds"
-    recs = []
-    for r in fundus_dataset.records[:60]:
-        (root / r.image).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(fundus_dataset.image_path(r), root / r.image)
-        recs.append(Record(image=r.image, labels=r.labels, split=r.split, patient=r.patient))
-    write_records(root, fundus_dataset.card, recs)
+    recs = copy_records(fundus_dataset, root)
     big = next(r for r in recs if r.split == "train")
     _png(root / big.image, (100, 100))  # 10,000 pixels; the others are 64 x 64 = 4,096
     ds = load_dataset(root)

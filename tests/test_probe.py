@@ -7,9 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers.dataset_copy import copy_records
 
 import mgll.encoder.features as features_mod
-from mgll.data.records import Record, load_dataset, write_dataset
+from mgll.data.records import load_dataset
 from mgll.encoder.eval_cli import register
 from mgll.encoder.factory import save_encoder
 from mgll.encoder.metrics import evaluate_scores
@@ -171,12 +172,7 @@ def test_probe_run_writes_reports_and_second_run_hits_the_cache(fundus_dataset, 
 
 def test_unreadable_image_is_skipped_and_reported(fundus_dataset, tiny_encoder, tmp_path):
     root = tmp_path / "ds"
-    recs = []
-    for r in fundus_dataset.records[:60]:
-        (root / r.image).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(fundus_dataset.image_path(r), root / r.image)
-        recs.append(Record(image=r.image, labels=r.labels, split=r.split, patient=r.patient))
-    write_dataset(root, fundus_dataset.card, recs)
+    recs = copy_records(fundus_dataset, root)
     bad = next(r for r in recs if r.split == "train")
     (root / bad.image).write_bytes(b"not an image")
     out = tmp_path / "probe"

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .rgb import to_rgb
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ENV_VAR",
@@ -151,7 +153,5 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
 
 def load_rgb(path: str | os.PathLike | Path, max_pixels: int | None = None) -> Image.Image:
     """The image as RGB, its size checked against the budget before it is decoded."""
-    from .rgb import to_rgb
-
     with open_image(path, max_pixels) as im:
         return to_rgb(im)
