@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 WORK=${WORK:-$(mktemp -d -t mgll-gpu-check.XXXXXX)}
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# USE_HUB_KERNELS=0: transformers 5.2x fetches hub kernels in every from_pretrained on CUDA, which fails offline
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false USE_HUB_KERNELS=0
 FLAGS=()
 OUT=benchmarks/results/gpu.md
 if [ "${1:-}" = "--cpu-smoke" ]; then

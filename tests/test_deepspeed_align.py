@@ -3,6 +3,7 @@ consolidates to the plain projector + adapter files, which reload with the logit
 partitioned model, and a run resumed from its ZeRO checkpoint ends where the uninterrupted one did."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -23,8 +24,8 @@ ZERO3 = ROOT / "configs" / "deepspeed" / "zero3.json"
 LEVELS = ["status", "disease"]
 
 
-def _align(root, out, logits, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def _align(root, out, logits, *extra, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(HELPERS / "ds_align.py"), str(root / "swapped"), str(root / "data"), str(out), str(logits), str(ZERO3), *extra]
     proc = subprocess.run(cmd, env=ds_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -92,3 +93,28 @@ def test_zero3_alignment_resumes_from_its_zero_checkpoint(zero3_run, tmp_path):
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert worst <= 1e-6, f"{name}: resumed run differs by {worst}"
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_zero3_bf16_alignment_trains_fp32_lora_beside_bf16_partitions(zero3_run, tmp_path):
+    """Found on the H200 (benchmarks/results/gpu.md): under ZeRO-3 in bf16, peft's fp32 LoRA matrices
+    beside the bf16 partitions stopped DeepSpeed's stage-3 optimizer on an assertion before step 1."""
+    root = zero3_run
+    out = tmp_path / "bf16"
+    _align(root, out, tmp_path / "logits.safetensors", "bf16", nproc=1)
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(v.dtype == torch.bfloat16 for v in adapter.values())
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k), "LoRA B stayed zero: it never trained"
+
+
+def test_cast_unpartitioned_leaves_zero3_partitions_alone():
+    from mgll.encoder.zero import cast_unpartitioned_
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16), torch.nn.Linear(2, 2))
+    for p in model[2].parameters():
+        p.ds_id = 7  # partitioned parameters: DeepSpeed owns their storage
+    assert cast_unpartitioned_(model, "bf16") == 2  # model[0]'s weight and bias
+    assert [p.dtype for p in model.parameters()] == [torch.bfloat16] * 4 + [torch.float32] * 2
+    assert cast_unpartitioned_(model, "no") == 0

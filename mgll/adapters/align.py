@@ -340,7 +340,7 @@ def align(
 
     from mgll.data import load_dataset
     from mgll.encoder.trainer import make_accelerator
-    from mgll.encoder.zero import fill_auto, gathered, model_width, zero_stage
+    from mgll.encoder.zero import cast_unpartitioned_, fill_auto, gathered, model_width, zero_stage
 
     if cfg.stage not in (1, 2):
         raise ValueError(f"stage={cfg.stage}: expected 1 (projector) or 2 (projector + LoRA)")
@@ -388,6 +388,8 @@ def align(
         ckpt, start, notes = load_newest_intact(out, restore, required=(STATE_FILE,))
     if zero is not None:
         fill_auto(accelerator, micro_batch=cfg.batch_size // world, grad_clip=cfg.grad_clip, width=model_width(_base(model)))
+        if zero == 3:  # LoRA's fp32 matrices beside the bf16/fp16 partitions would stop stage 3's optimizer
+            cast_unpartitioned_(model, accelerator.mixed_precision)
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume and zero is not None:
         ckpt, start, notes = load_newest_intact(out, restore, required=(STATE_FILE,))

@@ -38,6 +38,7 @@ __all__ = [
     "full_state_dict",
     "clamp_parameter_",
     "scalar_safe_broadcast",
+    "cast_unpartitioned_",
 ]
 
 ZERO_TAG = "zero"  # the folder DeepSpeed writes its own checkpoint into, inside our step-N folder
@@ -113,6 +114,26 @@ def model_width(model: torch.nn.Module) -> int:
             return int(text.hidden_size)
     widths = [int(m.width) for m in model.modules() if isinstance(getattr(m, "width", None), int)]
     return max(widths) if widths else 1024
+
+
+def cast_unpartitioned_(model: torch.nn.Module, mixed_precision: str) -> int:
+    """Cast the floating parameters that ZeRO-3's ``zero.Init`` never saw to the engine's dtype; returns how many.
+
+    Under ZeRO-3 DeepSpeed does not cast the module (it was built partitioned, in bf16/fp16);
+    parameters added after loading, such as peft's LoRA matrices (created in fp32 and upcast by
+    peft on purpose), stay fp32, and DeepSpeed's stage-3 optimizer then stops on an assertion
+    when it flattens trainable parameters of two dtypes. Partitioned parameters (``ds_id``) are
+    left alone: they already hold the engine's dtype.
+    """
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if dtype is None:
+        return 0
+    n = 0
+    for p in model.parameters():
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
 
 
 def fill_auto(accelerator, *, micro_batch: int, grad_clip: float, width: int) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 of a tiny LLaVA. Rank 0 then writes its last batch and the logits the trained, still
 partitioned model gives on it (safetensors), for comparison with the consolidated reload.
 
-argv: swapped-model dir, dataset dir, output dir, logits file, deepspeed config[, "resume"]."""
+argv: swapped-model dir, dataset dir, output dir, logits file, deepspeed config[, "resume"][, "bf16"]."""
 
 import sys
 
@@ -15,6 +15,7 @@ from mgll.adapters.align import AlignConfig, align
 
 def main():
     swapped, data, out, logits_path, ds_config = sys.argv[1:6]
+    flags = sys.argv[6:]
 
     def after_training(model, batch):
         model.eval()
@@ -24,8 +25,9 @@ def main():
             save_file({"logits": logits.contiguous(), **{k: v.contiguous() for k, v in batch.items()}}, logits_path)
 
     cfg = AlignConfig(model=swapped, data=data, out=out, stage=2, split=None, levels=["status", "disease"],
-                      steps=3, batch_size=4, lr=1e-2, save_every=2, deepspeed=ds_config)
-    align(cfg, resume=sys.argv[6:] == ["resume"], progress=False, after_training=after_training)
+                      steps=3, batch_size=4, lr=1e-2, save_every=2, deepspeed=ds_config,
+                      precision="bf16" if "bf16" in flags else "fp32")
+    align(cfg, resume="resume" in flags, progress=False, after_training=after_training)
 
 
 if __name__ == "__main__":
