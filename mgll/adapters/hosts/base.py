@@ -1,27 +1,28 @@
 """What every MLLM host tells the swap and alignment code: where the parts live and how they train.
 
-A host never changes an MLLM's architecture class: the swapped model is the host's own
-transformers class with a different vision config, so it loads with ``from_pretrained`` and no
-custom code. Module locations are dotted paths from the top-level model, the form bitsandbytes'
+Where the host's stock class can hold an MGLL ViT (LLaVA, LLaVA-NeXT: a ``CLIPVisionModel`` tower
+built from ``vision_config``), the swapped model is that class with a different vision config
+and loads with no custom code. Where it cannot (Qwen2-VL, InternVL, Janus, InstructBLIP), the
+model becomes the thin subclass from :mod:`mgll.adapters.remote` (:func:`become_swapped`) and its
+folder carries that code (``auto_map``, ``trust_remote_code=True``). Module locations are dotted paths from the top-level model, the form bitsandbytes'
 skip list and peft's ``modules_to_save`` need.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Host", "get_module", "ShapeMismatch", "PROJECTOR_INITS", "ClipTower", "make_swapped_class", "swapped_getattr"]
+# ShapeMismatch and ClipTower are defined with the remote code that swapped folders carry
+from mgll.adapters.remote.mgll_clip_tower import ClipTower, ShapeMismatch
+
+__all__ = ["Host", "get_module", "ShapeMismatch", "PROJECTOR_INITS", "ClipTower", "become_swapped", "remote_module"]
 
 PROJECTOR_INITS = ("default", "zero", "keep")
-
-
-class ShapeMismatch(ValueError):
-    """The tower and the MLLM disagree on a width or a token grid; the message names both sizes."""
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -130,91 +131,36 @@ def caption_batch(
     return pad_batch(rows, labels, pad)
 
 
-class ClipTower(nn.Module):
-    """An MGLL ViT as an exact ``CLIPVisionModel`` conversion plus its fixed grid.
+@functools.cache
+def remote_module(name: str, model_class: str):
+    """``mgll.adapters.remote.<name>``, with its config and ``model_class`` registered with transformers' Auto classes here.
 
-    Hosts whose stock tower cannot hold the MGLL weights wrap this in their own tower contract;
-    an MGLL ViT has learnt positions for one grid, so only that image size is accepted.
+    Registered, this process knows the ``mgll_*`` model type, so ``AutoProcessor`` /
+    ``AutoTokenizer`` on a swapped folder use mgll's own copy of the code instead of asking
+    whether to trust the folder's (an interactive y/N prompt); a process without mgll still
+    needs ``trust_remote_code=True``.
     """
+    import importlib
 
-    def __init__(self, vision_config):
-        super().__init__()
-        from transformers import CLIPVisionModel
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-        self.vit = CLIPVisionModel(vision_config)
-        self.image_size = int(vision_config.image_size)
-        self.patch_size = int(vision_config.patch_size)
-        self.grid = self.image_size // self.patch_size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vit.dtype
-
-    def check_pixels(self, pixel_values: torch.Tensor) -> None:
-        h, w = pixel_values.shape[-2:]
-        if (h, w) != (self.image_size, self.image_size):
-            raise ShapeMismatch(
-                f"grid mismatch: pixel_values are {h}x{w} px ({h // self.patch_size}x{w // self.patch_size} patches) but the "
-                f"MGLL tower takes {self.image_size}x{self.image_size} px ({self.grid}x{self.grid} patches of {self.patch_size} px)"
-            )
+    module = importlib.import_module(f"mgll.adapters.remote.{name}")
+    cls = getattr(module, model_class)
+    AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
+    AutoModelForImageTextToText.register(cls.config_class, cls, exist_ok=True)
+    return module
 
 
-def make_swapped_class(
-    stock_name: str, new_name: str, attr_path: str, build_tower: Callable[[Any, dict], nn.Module], module: str
-) -> type:
-    """``new_name``: the transformers class ``stock_name`` whose ``attr_path`` module is rebuilt from ``config.mgll_tower``.
+def become_swapped(model: nn.Module, swapped_cls: type) -> None:
+    """The loaded stock ``model`` becomes ``swapped_cls`` and its config ``swapped_cls.config_class``, in place.
 
-    ``build_tower(config, spec)`` gets that entry, checked here once for every host: a config
-    without it was never written by ``mgll swap``. The saved model then loads with
-    ``from_pretrained`` of this subclass. The class is named and
-    placed as if defined in ``module`` (whose ``__getattr__`` must return it), so ``load_swapped``
-    can import it by the name in ``config.architectures`` and pickle finds it; transformers skips
-    a subclass's checkpoint key renames, so the stock class's are registered for it.
+    Both subclasses (:mod:`mgll.adapters.remote`) add no fields and no parameters, so re-classing
+    is exact, and every submodule keeps sharing the one config object. ``save_pretrained`` then
+    writes the remote-code layout: the subclass's model type, ``auto_map`` and its files.
     """
-    import transformers
-
-    stock = getattr(transformers, stock_name)
-    parent_path, _, leaf = attr_path.rpartition(".")
-
-    def __init__(self, config):
-        spec = getattr(config, "mgll_tower", None)
-        if not spec:
-            raise ValueError(f"config has no 'mgll_tower' entry: this is not a {stock_name} folder written by `mgll swap`")
-        stock.__init__(self, config)
-        parent = get_module(self, parent_path) if parent_path else self
-        setattr(parent, leaf, build_tower(config, spec))
-        self.post_init()
-
-    doc = f"``{stock_name}`` whose ``{attr_path}`` is rebuilt from ``config.mgll_tower``."
-    cls = type(new_name, (stock,), {"__init__": __init__, "__doc__": doc, "__module__": module, "__qualname__": new_name})
-    inherit_checkpoint_renames(cls, stock)
-    return cls
-
-
-def swapped_getattr(module: str, new_name: str, swapped_class: Callable[[], type]) -> Callable[[str], type]:
-    """A module ``__getattr__`` that builds ``new_name`` on first access (``load_swapped`` and pickle import it by name)."""
-
-    def __getattr__(name: str) -> type:
-        if name == new_name:
-            return swapped_class()
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-
-    return __getattr__
-
-
-def inherit_checkpoint_renames(subclass: type, stock: type) -> None:
-    """transformers applies a class's checkpoint key renames by class name, so a subclass gets none:
-    register the stock class's (or its model type's) mapping under the subclass's name."""
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
-
-    mapping = get_checkpoint_conversion_mapping(stock.__name__)
-    if mapping is None:
-        mapping = get_checkpoint_conversion_mapping(stock.config_class.model_type)
-    if mapping is not None:
-        register_checkpoint_conversion_mapping(subclass.__name__, mapping, overwrite=True)
+    model.config.__class__ = swapped_cls.config_class
+    model.__class__ = swapped_cls
+    model.config.architectures = [swapped_cls.__name__]
 
 
 class Host:

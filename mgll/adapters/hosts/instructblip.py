@@ -21,13 +21,13 @@ The MGLL ViT itself is an exact ``CLIPVisionModel`` conversion; the Q-Former get
 tokens (class + patches) from hidden-state index ``select_layer`` (default -2, the second-last
 block, as BLIP-2 takes from its EVA ViT). The LM still sees ``num_query_tokens`` image tokens
 whatever the MGLL grid is: the Q-Former resamples. The saved folder is ``save_pretrained`` output
-whose config carries the tower spec (``mgll_tower``); it loads in one call with
-:func:`mgll.adapters.swap.load_swapped`.
+whose config carries the tower spec (``mgll_tower``) and whose files carry the code
+(:mod:`mgll.adapters.remote.mgll_instructblip`): it loads with ``AutoModelForImageTextToText`` and
+``trust_remote_code=True``, or with :func:`mgll.adapters.swap.load_swapped`.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -35,59 +35,36 @@ from torch import nn
 
 from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
-    ClipTower,
     Host,
     ShapeMismatch,
+    become_swapped,
     bos_ids,
     caption_batch,
     check_layer_index,
-    make_swapped_class,
     mgll_part,
-    swapped_getattr,
+    remote_module,
     vit_spec,
 )
 
-__all__ = ["InstructBlipHost", "MgllBlipVisionTower", "swapped_class"]
+__all__ = ["InstructBlipHost", "swapped_class"]
 
 DEFAULT_SELECT_LAYER = -2
 
 
-class MgllBlipVisionTower(ClipTower):
-    """InstructBLIP's ``vision_model`` interface over an MGLL ViT: ``pixel_values -> (B, 1 + grid**2, encoder_hidden_size)``."""
-
-    def __init__(self, vision_config, encoder_hidden_size: int, select_layer: int = DEFAULT_SELECT_LAYER):
-        super().__init__(vision_config)
-        self.bridge = nn.Sequential(nn.Linear(vision_config.hidden_size, encoder_hidden_size), nn.LayerNorm(encoder_hidden_size))
-        self.select_layer = int(select_layer)
-
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Any):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        self.check_pixels(pixel_values)
-        hs = self.vit(pixel_values.to(self.dtype), output_hidden_states=True).hidden_states[self.select_layer]
-        out = self.bridge(hs)
-        return BaseModelOutputWithPooling(last_hidden_state=out, pooler_output=out[:, 0])
+def remote():
+    """The remote-code module (imported on first use, so that ``mgll --help`` does not import the model code)."""
+    return remote_module("mgll_instructblip", "MgllInstructBlipForConditionalGeneration")
 
 
-def _build_tower(config, spec: dict) -> MgllBlipVisionTower:
-    from transformers import CLIPVisionConfig
-
-    return MgllBlipVisionTower(
-        CLIPVisionConfig(**spec["clip_vision_config"]),
-        encoder_hidden_size=int(config.qformer_config.encoder_hidden_size),
-        select_layer=int(spec.get("select_layer", DEFAULT_SELECT_LAYER)),
-    )
-
-
-@functools.cache
 def swapped_class():
-    """``MgllInstructBlipForConditionalGeneration``, built on first use so that ``mgll --help`` does not import the model code."""
-    return make_swapped_class(
-        "InstructBlipForConditionalGeneration", "MgllInstructBlipForConditionalGeneration", "vision_model", _build_tower, __name__
-    )
+    """``MgllInstructBlipForConditionalGeneration`` (:mod:`mgll.adapters.remote.mgll_instructblip`)."""
+    return remote().MgllInstructBlipForConditionalGeneration
 
 
-__getattr__ = swapped_getattr(__name__, "MgllInstructBlipForConditionalGeneration", swapped_class)
+def __getattr__(name: str):
+    if name in ("MgllInstructBlipForConditionalGeneration", "MgllBlipVisionTower"):  # old import paths
+        return getattr(remote(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @register_host("instructblip")
@@ -109,8 +86,8 @@ class InstructBlipHost(Host):
     def trainable_paths(self, stage: int, train_tower: bool = False) -> list[str]:
         return [*super().trainable_paths(stage, train_tower), "language_projection"]
 
-    def _visual(self, model: nn.Module) -> MgllBlipVisionTower:
-        return mgll_part(model, "vision_model", MgllBlipVisionTower)
+    def _visual(self, model: nn.Module):
+        return mgll_part(model, "vision_model", remote().MgllBlipVisionTower)
 
     def unquantised_modules(self) -> list[str]:
         """The Q-Former and the language projection are not the LM: they stay in float too."""
@@ -165,11 +142,10 @@ class InstructBlipHost(Host):
         ref = model.language_projection.weight
         hf_vit = to_hf_clip_vision(encoder, with_projection=False)
         model.config.mgll_tower = {"clip_vision_config": hf_vit.config.to_dict(), "select_layer": int(select_layer)}
-        visual = _build_tower(model.config, model.config.mgll_tower)
+        visual = remote().build_tower(model.config, model.config.mgll_tower)
         visual.vit.load_state_dict(hf_vit.state_dict())
         model.vision_model = visual.to(device=ref.device, dtype=ref.dtype)
-        model.__class__ = swapped_class()
-        model.config.architectures = [model.__class__.__name__]
+        become_swapped(model, swapped_class())
         self.check_fit(model)
         return model
 

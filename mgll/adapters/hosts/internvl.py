@@ -8,17 +8,17 @@ So the MGLL patch grid must be square and divisible by ``s`` (a 224-px / patch-1
 (``multi_modal_projector``: LayerNorm + two linears) is rebuilt at ``s**2 x`` the MGLL width.
 
 InternViT cannot hold an MGLL ViT exactly (it has no ``ln_pre`` and uses layer scale), so the
-MGLL ViT goes in as a ``CLIPVisionModel`` (the exact conversion) and the saved model is the thin
-subclass ``MgllInternVLForConditionalGeneration``, which rebuilds that tower from the
-``mgll_tower`` entry of ``config.json``. The stock ``vision_config`` fields that mean the same
-thing (width, depth, heads, image and patch size) are rewritten to describe the MGLL tower.
+MGLL ViT goes in as a ``CLIPVisionModel`` (the exact conversion) and ``vision_config`` becomes its
+``CLIPVisionConfig``: the stock ``InternVLModel`` builds exactly that tower from it. Only the stock
+config class would turn it back into an InternViT config, so the saved model is
+``MgllInternVLForConditionalGeneration`` over ``MgllInternVLConfig``
+(:mod:`mgll.adapters.remote.mgll_internvl`, carried in the folder as remote code).
 InternVL's dynamic tiling is kept: the image processor cuts tiles of the MGLL image size (plus a
 thumbnail) and the tower runs once per tile; each tile gets ``image_seq_length`` tokens.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -28,15 +28,15 @@ from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
     Host,
     ShapeMismatch,
+    become_swapped,
     bos_ids,
     caption_batch,
     chat_template_of,
     check_layer_index,
     check_projector_init,
-    make_swapped_class,
     mgll_part,
+    remote_module,
     resolve_tokenizer,
-    swapped_getattr,
     vit_spec,
     zero_init_last,
 )
@@ -57,21 +57,20 @@ def _layers(config) -> list[int]:
     return [layer] if isinstance(layer, int) else list(layer)
 
 
-def _build_tower(config, spec: dict):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+def remote():
+    """The remote-code module (imported on first use, so that ``mgll --help`` does not import the model code)."""
+    return remote_module("mgll_internvl", "MgllInternVLForConditionalGeneration")
 
-    return CLIPVisionModel(CLIPVisionConfig(**spec["clip_vision_config"]))
 
-
-@functools.cache
 def swapped_class():
-    """``MgllInternVLForConditionalGeneration``, built on first use so that ``mgll --help`` does not import the model code."""
-    return make_swapped_class(
-        "InternVLForConditionalGeneration", "MgllInternVLForConditionalGeneration", "model.vision_tower", _build_tower, __name__
-    )
+    """``MgllInternVLForConditionalGeneration`` (:mod:`mgll.adapters.remote.mgll_internvl`)."""
+    return remote().MgllInternVLForConditionalGeneration
 
 
-__getattr__ = swapped_getattr(__name__, "MgllInternVLForConditionalGeneration", swapped_class)
+def __getattr__(name: str):
+    if name == "MgllInternVLForConditionalGeneration":  # old import path
+        return swapped_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @register_host("internvl")
@@ -161,25 +160,15 @@ class InternVLHost(Host):
         ref = model.get_input_embeddings().weight
         dtype, device = ref.dtype, ref.device
         hf_vit = to_hf_clip_vision(encoder, with_projection=False)
-        hc = hf_vit.config
-        model.config.mgll_tower = {"clip_vision_config": hc.to_dict()}
-        vc = model.config.vision_config  # the stock fields now describe the MGLL tower
-        vc.hidden_size = int(hc.hidden_size)
-        vc.intermediate_size = int(hc.intermediate_size)
-        vc.num_hidden_layers = int(hc.num_hidden_layers)
-        vc.num_attention_heads = int(hc.num_attention_heads)
-        vc.image_size = [int(hc.image_size)] * 2
-        vc.patch_size = [int(hc.patch_size)] * 2
-        model.model.vision_tower = _build_tower(model.config, model.config.mgll_tower)
-        model.model.vision_tower.load_state_dict(hf_vit.state_dict())
-        model.model.vision_tower.to(device=device, dtype=dtype)
+        # the stock InternVLModel builds AutoModel.from_config(vision_config): a CLIPVisionConfig gives this tower
+        model.config.vision_config = hf_vit.config
+        model.model.vision_tower = hf_vit.to(device=device, dtype=dtype)
         if projector_init != "keep":
             projector = InternVLMultiModalProjector(model.config).to(device=device, dtype=dtype)
             if projector_init == "zero":
                 zero_init_last(projector.linear_2, ref)
             model.model.multi_modal_projector = projector
-        model.__class__ = swapped_class()
-        model.config.architectures = [model.__class__.__name__]
+        become_swapped(model, swapped_class())
         g, s = self.tower_grid(model), _shuffle_scale(model.config)
         if g % s == 0:
             model.config.image_seq_length = (g // s) ** 2

@@ -9,8 +9,10 @@ generation path (``vqmodel``, ``generation_embeddings``, ``generation_aligner``,
 
 SigLIP has no class token and no ``ln_pre``, so the MGLL ViT cannot be written as
 ``JanusVisionModel``; it goes in as a ``CLIPVisionModel`` (the exact conversion) inside
-:class:`MgllJanusVisionTower`, and the saved model is the thin subclass
-``MgllJanusForConditionalGeneration`` that rebuilds it from ``config.mgll_tower``. As Janus takes
+:class:`~mgll.adapters.remote.mgll_janus.MgllJanusVisionTower`, and the saved model is the thin
+subclass ``MgllJanusForConditionalGeneration`` that rebuilds it from ``config.mgll_tower``; the
+folder carries that code (:mod:`mgll.adapters.remote.mgll_janus`) and loads with
+``AutoModelForImageTextToText`` and ``trust_remote_code=True``. As Janus takes
 SigLIP's last block after its final LayerNorm, the tower hands the aligner the MGLL ViT's last
 block after ``ln_post`` (open_clip applies ``ln_post`` to every token too), class token dropped:
 exactly the ``tokens`` open_clip's own forward returns.
@@ -26,7 +28,6 @@ un-normalised by the processor's ``postprocess`` with its mean/std: pass Janus's
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -34,71 +35,41 @@ from torch import nn
 
 from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
-    ClipTower,
     Host,
     ShapeMismatch,
+    become_swapped,
     bos_ids,
     caption_batch,
     chat_template_of,
     check_layer_index,
     check_projector_init,
-    make_swapped_class,
     mgll_part,
+    remote_module,
     resolve_tokenizer,
-    swapped_getattr,
     vit_spec,
     zero_init_last,
 )
 
-__all__ = ["JanusHost", "MgllJanusVisionTower", "swapped_class"]
+__all__ = ["JanusHost", "swapped_class"]
 
 DEFAULT_SELECT_LAYER = -1
 GENERATION_PATHS = ("model.vqmodel", "model.generation_embeddings", "model.generation_aligner", "model.generation_head")
 
 
-class MgllJanusVisionTower(ClipTower):
-    """Janus' ``vision_model`` interface over an MGLL ViT: ``pixel_values -> last_hidden_state (B, grid**2, D)``.
-
-    ``config`` is the host's ``JanusVisionConfig``: the image-generation loop reads
-    ``vision_model.config.num_image_tokens`` from it.
-    """
-
-    def __init__(self, clip_config, janus_vision_config, select_layer: int = DEFAULT_SELECT_LAYER, post_norm: bool = True):
-        super().__init__(clip_config)
-        self.config = janus_vision_config
-        self.select_layer = int(select_layer)
-        self.post_norm = bool(post_norm)
-
-    def forward(self, pixel_values: torch.Tensor, return_dict: bool = True, **kwargs: Any):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        self.check_pixels(pixel_values)
-        hs = self.vit(pixel_values.to(self.dtype), output_hidden_states=True).hidden_states[self.select_layer]
-        if self.post_norm:
-            hs = self.vit.post_layernorm(hs)
-        return BaseModelOutputWithPooling(last_hidden_state=hs[:, 1:], pooler_output=hs[:, 0])
+def remote():
+    """The remote-code module (imported on first use, so that ``mgll --help`` does not import the model code)."""
+    return remote_module("mgll_janus", "MgllJanusForConditionalGeneration")
 
 
-def _build_tower(config, spec: dict) -> MgllJanusVisionTower:
-    from transformers import CLIPVisionConfig
-
-    return MgllJanusVisionTower(
-        CLIPVisionConfig(**spec["clip_vision_config"]),
-        config.vision_config,
-        select_layer=int(spec.get("select_layer", DEFAULT_SELECT_LAYER)),
-        post_norm=bool(spec.get("post_norm", True)),
-    )
-
-
-@functools.cache
 def swapped_class():
-    """``MgllJanusForConditionalGeneration``: the understanding tower ``model.vision_model`` rebuilt from ``config.mgll_tower``."""
-    return make_swapped_class(
-        "JanusForConditionalGeneration", "MgllJanusForConditionalGeneration", "model.vision_model", _build_tower, __name__
-    )
+    """``MgllJanusForConditionalGeneration`` (:mod:`mgll.adapters.remote.mgll_janus`)."""
+    return remote().MgllJanusForConditionalGeneration
 
 
-__getattr__ = swapped_getattr(__name__, "MgllJanusForConditionalGeneration", swapped_class)
+def __getattr__(name: str):
+    if name in ("MgllJanusForConditionalGeneration", "MgllJanusVisionTower"):  # old import paths
+        return getattr(remote(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @register_host("janus")
@@ -113,8 +84,8 @@ class JanusHost(Host):
     def model_class(self):
         return swapped_class()
 
-    def _visual(self, model: nn.Module) -> MgllJanusVisionTower:
-        return mgll_part(model, "model.vision_model", MgllJanusVisionTower)
+    def _visual(self, model: nn.Module):
+        return mgll_part(model, "model.vision_model", remote().MgllJanusVisionTower)
 
     def unquantised_modules(self) -> list[str]:
         """Tower, aligner, ``lm_head`` and the whole image-generation path stay in float."""
@@ -175,7 +146,7 @@ class JanusHost(Host):
         vc = model.config.vision_config  # the aligner's input width follows the MGLL tower; the generation grid stays
         vc.hidden_size = int(hf_vit.config.hidden_size)
         vc.num_attention_heads = int(hf_vit.config.num_attention_heads)
-        visual = _build_tower(model.config, model.config.mgll_tower)
+        visual = remote().build_tower(model.config, model.config.mgll_tower)
         visual.vit.load_state_dict(hf_vit.state_dict())
         model.model.vision_model = visual.to(device=device, dtype=dtype)
         if projector_init != "keep":
@@ -183,8 +154,7 @@ class JanusHost(Host):
             if projector_init == "zero":
                 zero_init_last(aligner.hidden_layers[-1] if len(aligner.hidden_layers) else aligner.fc1, ref)
             model.model.aligner = aligner
-        model.__class__ = swapped_class()
-        model.config.architectures = [model.__class__.__name__]
+        become_swapped(model, swapped_class())
         self.check_fit(model)
         return model
 

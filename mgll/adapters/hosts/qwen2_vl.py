@@ -3,7 +3,7 @@
 Qwen2-VL's own tower takes flattened patches plus ``image_grid_thw`` and uses 2-D rotary positions,
 so any grid works; an MGLL ViT has learned absolute positions for one fixed grid and a class
 token, so its weights cannot be written as a stock Qwen2-VL tower. The swap therefore keeps the
-*contract* instead of the class: :class:`MgllQwen2VLVisionTower` takes the processor's flattened
+*contract* instead of the class: :class:`~mgll.adapters.remote.mgll_qwen2_vl.MgllQwen2VisionTower` takes the processor's flattened
 patches and ``grid_thw``, rebuilds the images, runs the MGLL ViT (as an exact ``CLIPVisionModel``
 conversion) and merges each 2x2 window of patch features into one LM-width token with a fresh
 Qwen2-VL ``PatchMerger`` at the MGLL width: ``grid_t * grid_h * grid_w / merge_size**2`` tokens,
@@ -11,15 +11,15 @@ the count the processor inserts. The processor is configured so that its patch g
 grid (patch size = the MGLL patch, min = max pixels = the MGLL image area); a square image of any
 size is resized to exactly that grid, anything else fails with both grids named.
 
-The saved folder is ``save_pretrained`` output whose config carries the tower spec
-(``mgll_tower``: the ``CLIPVisionConfig``, the selected layer); it loads in one call with
-:func:`mgll.adapters.swap.load_swapped` (or ``MgllQwen2VLForConditionalGeneration.from_pretrained``),
-not with the stock class, which would build a Qwen2-VL tower that the weights do not fit.
+The tower, its merger and the swapped class live in :mod:`mgll.adapters.remote.mgll_qwen2_vl`,
+which the swapped folder carries as remote code: it loads with
+``AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)`` in a process
+without mgll, or with :func:`mgll.adapters.swap.load_swapped`; a load without the flag is
+refused (unknown model type ``mgll_qwen2_vl``), never a random stock tower.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -28,23 +28,22 @@ from torch import nn
 
 from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
-    ClipTower,
     Host,
     ShapeMismatch,
+    become_swapped,
     bos_ids,
     caption_batch,
     chat_template_of,
     check_layer_index,
     check_projector_init,
-    make_swapped_class,
     mgll_part,
+    remote_module,
     resolve_tokenizer,
-    swapped_getattr,
     vit_spec,
     zero_init_last,
 )
 
-__all__ = ["Qwen2VLHost", "MgllQwen2VisionTower", "swapped_class", "square_images"]
+__all__ = ["Qwen2VLHost", "swapped_class", "square_images"]
 
 DEFAULT_SELECT_LAYER = -1  # Qwen2-VL merges its last block's output; the merger brings its own LayerNorm
 
@@ -61,86 +60,20 @@ def square_images(images: list, size: int) -> list:
     return out
 
 
-class MgllQwen2VisionTower(ClipTower):
-    """Qwen2-VL's visual interface (``(patches, grid_thw) -> merged tokens``) over an MGLL ViT.
-
-    ``vit`` is a ``CLIPVisionModel`` (the exact conversion of the MGLL ViT), ``merger`` a Qwen2-VL
-    ``PatchMerger`` from the MGLL width to the LM width. Videos work too: the two frames of each
-    temporal patch are averaged (identical for images) and every temporal slice is one ViT pass.
-    """
-
-    def __init__(self, vision_config, out_hidden_size: int, spatial_merge_size: int = 2,
-                 temporal_patch_size: int = 2, select_layer: int = DEFAULT_SELECT_LAYER):
-        super().__init__(vision_config)
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
-
-        self.merger = PatchMerger(dim=out_hidden_size, context_dim=vision_config.hidden_size,
-                                  spatial_merge_size=spatial_merge_size)
-        self.spatial_merge_size = int(spatial_merge_size)
-        self.temporal_patch_size = int(temporal_patch_size)
-        self.select_layer = int(select_layer)
-        self.channels = int(vision_config.num_channels)
-
-    @property
-    def device(self) -> torch.device:
-        return self.vit.device
-
-    def _frames(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Undo the processor's patch flattening: ``(N, C*T*P*P)`` -> ``(frames, C, H, W)``."""
-        c, tp, p, m, g = self.channels, self.temporal_patch_size, self.patch_size, self.spatial_merge_size, self.grid
-        width = c * tp * p * p
-        if patches.ndim != 2 or patches.shape[1] != width:
-            raise ShapeMismatch(
-                f"patch mismatch: pixel_values rows are {patches.shape[-1]} wide but the MGLL tower takes "
-                f"{width} ({c} channels x {tp} frames x {p}x{p} px patches); configure the processor with patch_size={p}"
-            )
-        for i, (_t, h, w) in enumerate(grid_thw.tolist()):
-            if (h, w) != (g, g):
-                raise ShapeMismatch(
-                    f"grid mismatch: image {i} has a {h}x{w} patch grid but the MGLL tower takes {g}x{g} "
-                    f"({self.image_size}px / {p}px patches); give the processor square images (see square_images)"
-                )
-        n = int(grid_thw.prod(-1).sum())
-        if n != patches.shape[0]:
-            raise ShapeMismatch(f"pixel_values has {patches.shape[0]} patches but grid_thw describes {n}")
-        t_total = int(grid_thw[:, 0].sum())
-        x = patches.view(t_total, g // m, g // m, m, m, c, tp, p, p)
-        x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t_total, tp, c, g * p, g * p)
-        return x.mean(1)
-
-    def forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        frames = self._frames(hidden_states, grid_thw).to(self.dtype)
-        hs = self.vit(frames, output_hidden_states=True).hidden_states[self.select_layer][:, 1:]  # drop the class token
-        f, g, m = hs.shape[0], self.grid, self.spatial_merge_size
-        # raster order -> Qwen2-VL's window order (the m x m patches of one merged token are adjacent)
-        hs = hs.reshape(f, g // m, m, g // m, m, -1).permute(0, 1, 3, 2, 4, 5).reshape(f * g * g, -1)
-        return BaseModelOutputWithPooling(last_hidden_state=hs, pooler_output=self.merger(hs))
+def remote():
+    """The remote-code module (imported on first use, so that ``mgll --help`` does not import the model code)."""
+    return remote_module("mgll_qwen2_vl", "MgllQwen2VLForConditionalGeneration")
 
 
-def _build_tower(config, spec: dict) -> MgllQwen2VisionTower:
-    from transformers import CLIPVisionConfig
-
-    vc = config.vision_config
-    return MgllQwen2VisionTower(
-        CLIPVisionConfig(**spec["clip_vision_config"]),
-        out_hidden_size=int(config.text_config.hidden_size),
-        spatial_merge_size=int(vc.spatial_merge_size),
-        temporal_patch_size=int(vc.temporal_patch_size),
-        select_layer=int(spec.get("select_layer", DEFAULT_SELECT_LAYER)),
-    )
-
-
-@functools.cache
 def swapped_class():
-    """``MgllQwen2VLForConditionalGeneration``, built on first use so that ``mgll --help`` does not import the model code."""
-    return make_swapped_class(
-        "Qwen2VLForConditionalGeneration", "MgllQwen2VLForConditionalGeneration", "model.visual", _build_tower, __name__
-    )
+    """``MgllQwen2VLForConditionalGeneration`` (:mod:`mgll.adapters.remote.mgll_qwen2_vl`)."""
+    return remote().MgllQwen2VLForConditionalGeneration
 
 
-__getattr__ = swapped_getattr(__name__, "MgllQwen2VLForConditionalGeneration", swapped_class)
+def __getattr__(name: str):
+    if name in ("MgllQwen2VLForConditionalGeneration", "MgllQwen2VisionTower"):  # old import paths
+        return getattr(remote(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @register_host("qwen2_vl")
@@ -156,8 +89,8 @@ class Qwen2VLHost(Host):
         return swapped_class()
 
     # -- token grid ----------------------------------------------------------------------------
-    def _visual(self, model: nn.Module) -> MgllQwen2VisionTower:
-        return mgll_part(model, "model.visual", MgllQwen2VisionTower)
+    def _visual(self, model: nn.Module):
+        return mgll_part(model, "model.visual", remote().MgllQwen2VisionTower)
 
     def tower_grid(self, model: nn.Module) -> int:
         return self._visual(model).grid
@@ -220,7 +153,7 @@ class Qwen2VLHost(Host):
         vc.depth = int(hf_vit.config.num_hidden_layers)
         vc.num_heads = int(hf_vit.config.num_attention_heads)
         vc.hidden_size = int(model.config.text_config.hidden_size)
-        visual = _build_tower(model.config, model.config.mgll_tower)
+        visual = remote().build_tower(model.config, model.config.mgll_tower)
         visual.vit.load_state_dict(hf_vit.state_dict())
         if projector_init == "keep":
             if old_merger is None or int(old_merger.ln_q.normalized_shape[0]) != int(hf_vit.config.hidden_size):
@@ -232,8 +165,7 @@ class Qwen2VLHost(Host):
         elif projector_init == "zero":
             zero_init_last(visual.merger.mlp[-1], ref)
         model.model.visual = visual.to(device=device, dtype=dtype)
-        model.__class__ = swapped_class()
-        model.config.architectures = [model.__class__.__name__]
+        become_swapped(model, swapped_class())
         self.check_fit(model)
         return model
 
