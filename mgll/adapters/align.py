@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from mgll.adapters.hosts import get_host
+from mgll.adapters.hosts import ShapeMismatch, get_host
 from mgll.adapters.swap import load_projector, read_swap_spec, save_projector
 from mgll.data.pixel_budget import load_rgb
 from mgll.encoder.checkpoint import (
@@ -514,8 +514,14 @@ def load_aligned(swap_dir: str | os.PathLike, align_dir: str | os.PathLike, **fr
     """The swapped model with an alignment run's projector (and LoRA adapter, if stage 2) attached."""
     from mgll.adapters.swap import load_swapped
 
-    model, processor = load_swapped(swap_dir, **from_pretrained_kwargs)
     spec = read_swap_spec(swap_dir)
+    summary_path = Path(align_dir) / "summary.json"
+    if summary_path.is_file():  # refuse another host's run before loading anything
+        with open(summary_path, encoding="utf-8") as f:
+            ran_on = json.load(f).get("host")
+        if ran_on and ran_on != spec["host"]:
+            raise ShapeMismatch(f"host mismatch: {align_dir} aligned a {ran_on!r} model but {swap_dir} is host {spec['host']!r}")
+    model, processor = load_swapped(swap_dir, **from_pretrained_kwargs)
     load_projector(model, spec["host"], Path(align_dir) / PROJECTOR_FILE)
     tower = Path(align_dir) / "tower.safetensors"
     if tower.is_file():  # written by --train-tower runs
@@ -526,5 +532,9 @@ def load_aligned(swap_dir: str | os.PathLike, align_dir: str | os.PathLike, **fr
     if adapter.is_dir():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except RuntimeError as e:  # peft's raw state-dict error: name the folder and the first mismatch
+            first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise ShapeMismatch(f"{adapter}: LoRA adapter does not fit this model ({first})") from None
     return model, processor

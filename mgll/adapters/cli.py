@@ -13,7 +13,8 @@ _DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     from mgll.adapters.export_hf import export_hf
 
-    out = export_hf(args.run, args.out, pretrained=args.pretrained, with_projection=not args.no_projection)
+    out = export_hf(args.run, args.out, pretrained=args.pretrained, with_projection=not args.no_projection,
+                    overwrite=args.overwrite)
     print(f"wrote CLIPVisionModel folder {out} (load: transformers.CLIPVisionModel.from_pretrained('{out}'))")
     return 0
 
@@ -34,6 +35,7 @@ def _cmd_swap(args: argparse.Namespace) -> int:
         pretrained=args.pretrained,
         dtype=getattr(torch, dtype) if dtype else None,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     tower = read_swap_spec(out)["tower"]
     print(f"wrote swapped {args.host} model to {out}: tower width {tower['hidden_size']}, {tower['num_image_tokens']} image tokens")
@@ -74,7 +76,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
 def _cmd_convert_llava(args: argparse.Namespace) -> int:
     from mgll.adapters.convert_llava import convert_llava
 
-    r = convert_llava(args.src, args.out, vision_tower=args.vision_tower)
+    r = convert_llava(args.src, args.out, vision_tower=args.vision_tower, overwrite=args.overwrite)
     print(f"wrote LlavaForConditionalGeneration folder {args.out} (tower from {r['vision_tower']}, "
           f"<image> = id {r['image_token_index']}, {r['image_seq_length']} image tokens; processor {r['processor']})")
     return 0
@@ -92,6 +94,7 @@ def register(sub) -> None:
     p.add_argument("out", help="output folder (config.json, model.safetensors, preprocessor_config.json)")
     p.add_argument("--pretrained", help="open_clip pretrained tag or weights file (for architecture names)")
     p.add_argument("--no-projection", action="store_true", help="write CLIPVisionModel without visual_projection")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (atomically, once the new one is complete)")
     p.set_defaults(func=_cmd_export_hf)
 
     p = sub.add_parser("swap", help="replace an MLLM's vision tower with an MGLL encoder")
@@ -105,6 +108,7 @@ def register(sub) -> None:
     p.add_argument("--pretrained", help="open_clip pretrained tag when --encoder is an architecture name")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (atomically, once the new one is complete)")
     p.set_defaults(func=_cmd_swap)
 
     p = sub.add_parser("align", help="stage 1: train the projector; stage 2: + LoRA / QLoRA on the LM")
@@ -136,4 +140,5 @@ def register(sub) -> None:
     p.add_argument("src", help="folder with config.json (mm_* fields) and model.* / pytorch_model-*.bin weights")
     p.add_argument("out", help="output LlavaForConditionalGeneration folder")
     p.add_argument("--vision-tower", help="local CLIP checkpoint folder (default: config.json's mm_vision_tower)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (atomically, once the new one is complete)")
     p.set_defaults(func=_cmd_convert_llava)

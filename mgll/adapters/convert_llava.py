@@ -182,11 +182,17 @@ def _grow_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, mean.expand(rows - t.shape[0], -1)], dim=0)
 
 
-def convert_llava(src: str | os.PathLike, out: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Write ``out`` as a ``LlavaForConditionalGeneration`` folder; returns what was written (and the processor status)."""
+def convert_llava(src: str | os.PathLike, out: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
+                  overwrite: bool = False) -> dict[str, Any]:
+    """Write ``out`` as a ``LlavaForConditionalGeneration`` folder; returns what was written (and the processor status).
+
+    An existing non-empty ``out`` is replaced only with ``overwrite``."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 
+    from mgll.adapters.swap import check_out_free
+
     src, out = Path(src), Path(out)
+    check_out_free(out, overwrite)
     config_path = src / "config.json"
     cfg = read_original_config(src)
     files = _weight_files(src)

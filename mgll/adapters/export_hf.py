@@ -150,13 +150,19 @@ def export_hf(
     out: str | os.PathLike,
     pretrained: str | None = None,
     with_projection: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``out`` (config.json, model.safetensors, preprocessor_config.json, mgll_export.json) atomically.
+
+    An existing non-empty ``out`` is replaced only with ``overwrite``.
 
     Saved as ``CLIPVisionModelWithProjection`` when the ViT has a projection; ``CLIPVisionModel``
     and ``AutoModel`` load the same folder and ignore ``visual_projection``.
     """
+    from mgll.adapters.swap import check_out_free
     from mgll.encoder.factory import create_encoder
+
+    check_out_free(out, overwrite)
 
     model, _, _, _, name = create_encoder(str(run_or_name), pretrained=pretrained)
     return save_hf_clip_vision(model, out, source=name, with_projection=with_projection)

@@ -21,9 +21,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mgll.adapters.hosts import ShapeMismatch, get_host
+from mgll.adapters.source_check import check_source
 from mgll.io import atomic_path, atomic_write_json
 
-__all__ = ["SWAP_SPEC", "swap", "swap_model", "load_swapped", "save_projector", "load_projector", "read_swap_spec"]
+__all__ = ["SWAP_SPEC", "check_out_free", "swap", "swap_model", "load_swapped", "save_projector", "load_projector", "read_swap_spec"]
 
 SWAP_SPEC = "mgll_swap.json"
 
@@ -35,11 +36,15 @@ def swap_model(host: str, model: nn.Module, encoder: nn.Module, projector_init: 
 
 def _load_mllm(host, mllm: str | os.PathLike, dtype: torch.dtype | None):
     if hasattr(host, "load_source"):  # MLLMs that are not transformers folders (OpenFlamingo)
+        if not Path(mllm).expanduser().is_dir():
+            raise FileNotFoundError(f"--mllm {mllm}: no such folder")
         return host.load_source(mllm, dtype)
+    check_source(host, mllm)  # before any weight is read: a wrong host would load as random weights
     kw: dict[str, Any] = {}
     if dtype is not None:
         kw["dtype"] = dtype
     model = host.source_class().from_pretrained(str(mllm), **kw)
+    host.check_parts(model, str(mllm))
     processor = tokenizer = None
     from transformers import AutoProcessor, AutoTokenizer
 
@@ -62,11 +67,19 @@ def swap(
     pretrained: str | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
-    """Load ``mllm``, put ``encoder``'s ViT in as its tower, re-initialise the projector, save to ``out``."""
+    """Load ``mllm``, put ``encoder``'s ViT in as its tower, re-initialise the projector, save to ``out``.
+
+    An existing ``out`` (a file or a non-empty folder) is an error unless ``overwrite``; then it is
+    replaced atomically once the new folder is complete.
+    """
     from mgll.encoder.factory import create_encoder
 
+    check_out_free(out, overwrite)
     h = get_host(host)
+    if projector_weights is not None:
+        check_projector_file(projector_weights, host)
     enc, _, _, _, enc_name = create_encoder(str(encoder), pretrained=pretrained)
     enc.eval()
     model, processor, tokenizer = _load_mllm(h, mllm, dtype)
@@ -91,6 +104,14 @@ def swap(
         new_processor.save_pretrained(tmp)
         atomic_write_json(tmp / SWAP_SPEC, spec)
     return out
+
+
+def check_out_free(out: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Nothing a user made is deleted without asking: an existing ``out`` needs ``overwrite``."""
+    out = Path(out)
+    if overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    raise FileExistsError(f"--out {out}: already exists and is not empty; pass {flag} to replace it")
 
 
 def read_swap_spec(path: str | os.PathLike) -> dict[str, Any]:
@@ -135,11 +156,25 @@ def save_projector(model: nn.Module, host: str, path: str | os.PathLike) -> Path
     return Path(path)
 
 
+def _check_projector_host(meta: dict[str, str], host: str, path: str | os.PathLike) -> None:
+    if meta.get("host") and meta["host"] != host:
+        raise ShapeMismatch(f"host mismatch: {path} is a projector trained for host {meta['host']!r} but this model is host {host!r}")
+
+
+def check_projector_file(path: str | os.PathLike, host: str) -> None:
+    """Before any model is loaded: the file exists and was not written for another host (its metadata)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--projector {path}: no such file")
+    with safe_open(str(path), framework="pt") as f:
+        _check_projector_host(f.metadata() or {}, host, path)
+
+
 def load_projector(model: nn.Module, host: str, path: str | os.PathLike) -> None:
     h = get_host(host)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
+    _check_projector_host(meta, host, path)
     want = h.tower_spec(model)["projector_in_features"]
     got = int(meta["in_features"]) if "in_features" in meta else None
     if got is not None and got != want:
@@ -148,6 +183,12 @@ def load_projector(model: nn.Module, host: str, path: str | os.PathLike) -> None
         )
     proj = h.projector(model)
     ref = proj.state_dict()
+    if set(state) != set(ref):
+        missing, extra = sorted(set(ref) - set(state)), sorted(set(state) - set(ref))
+        raise ShapeMismatch(
+            f"{path}: not a {host} projector for this model (missing {', '.join(missing[:4]) or 'none'}; "
+            f"unexpected {', '.join(extra[:4]) or 'none'})"
+        )
     for k, v in state.items():
         if k in ref and ref[k].shape != v.shape:
             raise ShapeMismatch(f"{path}: {k} has shape {tuple(v.shape)} but the model's projector has {tuple(ref[k].shape)}")

@@ -170,6 +170,7 @@ class Host:
     model_class_name: str = ""
     source_class_name: str = ""  # the class of the MLLM before the swap, when it differs from model_class_name
     tower_path: str = ""
+    source_tower_path: str = ""  # where the stock tower sits before the swap, when it differs from tower_path
     projector_path: str = ""
     language_model_path: str = ""
     lm_head_path: str = "lm_head"
@@ -186,6 +187,18 @@ class Host:
         import transformers
 
         return getattr(transformers, self.source_class_name or self.model_class_name)
+
+    def source_model_types(self) -> tuple[str, ...]:
+        """The ``model_type`` values of a ``config.json`` this host swaps (:mod:`mgll.adapters.source_check`)."""
+        return (self.source_class().config_class.model_type,)
+
+    def check_parts(self, model: nn.Module, where: str) -> None:
+        """The source model has the tower the swap replaces and the LM it trains; else one error naming the path."""
+        for role, path in (("vision tower", self.source_tower_path or self.tower_path), ("language model", self.language_model_path)):
+            try:
+                get_module(model, path)
+            except AttributeError:
+                raise ValueError(f"{where}: {type(model).__name__} has no {role} at {path!r}; not a {self.name} model") from None
 
     def tower(self, model: nn.Module) -> nn.Module:
         return get_module(model, self.tower_path)

@@ -72,6 +72,7 @@ class InstructBlipHost(Host):
     model_class_name = "MgllInstructBlipForConditionalGeneration"
     source_class_name = "InstructBlipForConditionalGeneration"
     tower_path = "vision_model.vit"
+    source_tower_path = "vision_model"
     projector_path = "vision_model.bridge"
     language_model_path = "language_model"
     lm_head_path = "language_model.lm_head"

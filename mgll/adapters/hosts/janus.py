@@ -77,6 +77,7 @@ class JanusHost(Host):
     model_class_name = "MgllJanusForConditionalGeneration"
     source_class_name = "JanusForConditionalGeneration"
     tower_path = "model.vision_model.vit"
+    source_tower_path = "model.vision_model"
     projector_path = "model.aligner"
     language_model_path = "model.language_model"
     lm_head_path = "lm_head"

@@ -68,6 +68,9 @@ class MedFlamingoHost(Host):
     def source_class(self):
         return self.model_class()
 
+    def source_model_types(self) -> tuple[str, ...]:
+        return ()  # an OpenFlamingo folder (flamingo_config.json), not a transformers config.json
+
     def load_source(self, mllm: str | os.PathLike, dtype: torch.dtype | None = None):
         """``(model, processor, tokenizer)`` from a Flamingo folder (``flamingo_config.json``, LM folder, checkpoint)."""
         require_open_flamingo()

@@ -81,6 +81,7 @@ class Qwen2VLHost(Host):
     model_class_name = "MgllQwen2VLForConditionalGeneration"
     source_class_name = "Qwen2VLForConditionalGeneration"
     tower_path = "model.visual.vit"
+    source_tower_path = "model.visual"
     projector_path = "model.visual.merger"
     language_model_path = "model.language_model"
     lm_head_path = "lm_head"
