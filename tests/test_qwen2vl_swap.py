@@ -11,7 +11,6 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from mgll.adapters.cli import register
 from mgll.adapters.hosts import ShapeMismatch, get_host, list_hosts
-from mgll.adapters.hosts.qwen2_vl import square_images
 from mgll.adapters.swap import swap_model
 from mgll.adapters.tiny import make_tiny_qwen2_vl
 from mgll.adapters.vision_tower import OpenClipVisionTower
@@ -115,12 +114,16 @@ def test_zero_init_merger_outputs_the_mean_embedding(built):
 
 def test_grid_and_width_mismatch_name_both_sizes(built, tmp_path):
     root, _, model, processor = built
-    # a non-square image gets a 6x8 grid from Qwen2-VL's resize; the MGLL tower has 8x8
-    bad = processor(text=[PROMPT], images=_images(1, (80, 96)), return_tensors="pt")
-    with pytest.raises(ShapeMismatch, match=r"6x8 patch grid but the MGLL tower takes 8x8"):
-        model(**bad)
-    ok = processor(text=[PROMPT], images=square_images(_images(1, (80, 96)), 64), return_tensors="pt")
+    # the swapped processor gives a non-square image the encoder's square view: one 8x8 MGLL grid
+    ok = processor(text=[PROMPT], images=_images(1, (80, 96)), return_tensors="pt")
     assert ok["image_grid_thw"].tolist() == [[1, 8, 8]]
+    # Qwen2-VL's own resize keeps the aspect: a 6x8 grid, which the MGLL tower refuses with both grids named
+    from transformers import Qwen2VLImageProcessor
+
+    keep_aspect = Qwen2VLImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=64 * 64, max_pixels=64 * 64)
+    bad = {**ok, **keep_aspect(_images(1, (80, 96)), return_tensors="pt")}
+    with pytest.raises(ShapeMismatch, match=r"6x8 patch grid but the MGLL tower takes 8x8"):
+        model(**{k: bad[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")})
     # the stock processor cuts 14-px patches; the tower takes 8-px ones
     stock = AutoProcessor.from_pretrained(root / "qwen")
     with pytest.raises(ShapeMismatch, match=r"rows are 1176 wide but the MGLL tower takes 384"):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from mgll.adapters.hosts import ShapeMismatch, get_host
-from mgll.adapters.swap import load_projector, read_swap_spec, save_projector
+from mgll.adapters.swap import load_processor, load_projector, read_swap_spec, save_projector
 from mgll.data.pixel_budget import load_rgb
 from mgll.encoder.checkpoint import (
     CheckpointCorrupt,
@@ -336,7 +336,7 @@ def align(
     """
     import torch.distributed as dist
     from accelerate.utils import set_seed
-    from transformers import AutoProcessor, get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup
 
     from mgll.data import load_dataset
     from mgll.encoder.trainer import make_accelerator
@@ -362,7 +362,7 @@ def align(
 
     ds = load_dataset(cfg.data)
     pairs = CaptionPairs(ds, cfg.split, cfg.levels)
-    processor = AutoProcessor.from_pretrained(cfg.model)
+    processor = load_processor(cfg.model)
     model = _load_model(cfg, host, accelerator.device)  # under ZeRO-3: loaded partitioned (zero.Init)
     if cfg.projector:
         with gathered(host.projector(model).parameters(), modifier_rank=0):

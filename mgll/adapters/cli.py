@@ -36,8 +36,13 @@ def _cmd_swap(args: argparse.Namespace) -> int:
         dtype=getattr(torch, dtype) if dtype else None,
         seed=args.seed,
         overwrite=args.overwrite,
+        image_view=args.image_view or "crop",
     )
-    tower = read_swap_spec(out)["tower"]
+    spec = read_swap_spec(out)
+    tower = spec["tower"]
+    if spec.get("source_image_view") and not args.image_view and spec["source_image_view"] != spec["image_view"]:
+        print(f"note: {args.mllm}'s processor uses the {spec['source_image_view']!r} view; the swapped processor uses the "
+              f"encoder's {spec['image_view']!r} view (pass --image-view {spec['source_image_view']} to keep the MLLM's)")
     print(f"wrote swapped {args.host} model to {out}: tower width {tower['hidden_size']}, {tower['num_image_tokens']} image tokens")
     return 0
 
@@ -108,6 +113,8 @@ def register(sub) -> None:
     p.add_argument("--pretrained", help="open_clip pretrained tag when --encoder is an architecture name")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-view", choices=["crop", "pad"], default=None,
+                   help="crop (default): the encoder's own eval transform; pad: LLaVA-1.5 / LLaVA-Med's pad-to-square with the mean colour first")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (atomically, once the new one is complete)")
     p.set_defaults(func=_cmd_swap)
 

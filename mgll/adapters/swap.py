@@ -24,7 +24,7 @@ from mgll.adapters.hosts import ShapeMismatch, get_host
 from mgll.adapters.source_check import check_source
 from mgll.io import atomic_path, atomic_write_json
 
-__all__ = ["SWAP_SPEC", "check_out_free", "swap", "swap_model", "load_swapped", "save_projector", "load_projector", "read_swap_spec"]
+__all__ = ["SWAP_SPEC", "check_out_free", "load_processor", "swap", "swap_model", "load_swapped", "save_projector", "load_projector", "read_swap_spec"]
 
 SWAP_SPEC = "mgll_swap.json"
 
@@ -68,11 +68,14 @@ def swap(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    image_view: str = "crop",
 ) -> Path:
     """Load ``mllm``, put ``encoder``'s ViT in as its tower, re-initialise the projector, save to ``out``.
 
     An existing ``out`` (a file or a non-empty folder) is an error unless ``overwrite``; then it is
-    replaced atomically once the new folder is complete.
+    replaced atomically once the new folder is complete. ``image_view`` (``crop``: the encoder's own
+    eval transform; ``pad``: LLaVA-1.5's pad-to-square first) is recorded in ``mgll_swap.json`` and
+    in the saved processor, which every later step (align, generate, mcq, demo) loads.
     """
     from mgll.encoder.factory import create_encoder
 
@@ -87,7 +90,7 @@ def swap(
     h.replace_tower(model, enc, projector_init=projector_init)
     if projector_weights is not None:
         load_projector(model, host, projector_weights)
-    new_processor = h.make_processor(model, processor, tokenizer, enc)
+    new_processor = h.make_processor(model, processor, tokenizer, enc, view=image_view)
     spec = {
         "host": host,
         "model_class": h.model_class_name,
@@ -96,6 +99,8 @@ def swap(
         "encoder_model_name": enc_name,
         "projector_init": projector_init,
         "projector_weights": str(projector_weights) if projector_weights else None,
+        "image_view": image_view,
+        "source_image_view": h.source_view(processor),
         "tower": h.tower_spec(model),
     }
     out = Path(out)
@@ -137,12 +142,16 @@ def load_swapped(path: str | os.PathLike, with_processor: bool = True, **from_pr
     for key in ("hidden_size", "num_image_tokens"):
         if saved.get(key) != now.get(key):
             raise ShapeMismatch(f"{Path(path) / SWAP_SPEC}: tower.{key}={saved.get(key)} but the model config gives {now.get(key)}")
-    processor = None
-    if with_processor:
-        from transformers import AutoProcessor
+    return model, load_processor(path) if with_processor else None
 
-        processor = AutoProcessor.from_pretrained(str(path))
-    return model, processor
+
+def load_processor(path: str | os.PathLike):
+    """The swapped folder's processor. mgll wrote the folder, so its remote image-processing code
+    (the encoder's view, :mod:`mgll.adapters.remote.mgll_image_processing`) is trusted here; a
+    process without mgll passes ``trust_remote_code=True`` itself."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
 
 
 def save_projector(model: nn.Module, host: str, path: str | os.PathLike) -> Path:

@@ -19,10 +19,12 @@ from open_clip.model import get_model_preprocess_cfg
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-__all__ = ["OpenClipVisionTower", "SELECT_FEATURES", "build_image_processor", "preprocess_cfg_of", "norm_kwargs"]
+__all__ = ["OpenClipVisionTower", "SELECT_FEATURES", "IMAGE_VIEWS", "build_image_processor", "preprocess_cfg_of", "norm_kwargs",
+           "view_spec", "mgll_image_processor"]
 
 SELECT_FEATURES = ("patch", "cls_patch")
 RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL resampling ids, as transformers image processors take them
+IMAGE_VIEWS = ("crop", "pad")  # the encoder's own eval transform; LLaVA-1.5's pad-to-square with the mean colour first
 
 
 def preprocess_cfg_of(model: nn.Module) -> dict[str, Any]:
@@ -43,6 +45,36 @@ def norm_kwargs(preprocess_cfg: dict[str, Any]) -> dict[str, Any]:
         "image_mean": list(preprocess_cfg.get("mean", OPENAI_DATASET_MEAN)),
         "image_std": list(preprocess_cfg.get("std", OPENAI_DATASET_STD)),
     }
+
+
+def view_spec(preprocess_cfg: dict[str, Any], view: str = "crop") -> dict[str, Any]:
+    """The ``mgll_view`` a swapped folder's image processor carries (:mod:`mgll.adapters.remote.mgll_image_processing`).
+
+    ``crop`` is the encoder's own eval transform (the default: the pixels it was trained on);
+    ``pad`` is LLaVA-1.5 / LLaVA-Med's convention, an explicit choice recorded in the folder.
+    """
+    if view not in IMAGE_VIEWS:
+        raise ValueError(f"image view {view!r}: expected one of {', '.join(IMAGE_VIEWS)}")
+    size = preprocess_cfg.get("size", 224)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if h != w:
+        raise ValueError(f"preprocess_cfg.size={size}: MGLL towers take square images")
+    resize_mode = preprocess_cfg.get("resize_mode", "shortest")
+    if resize_mode not in ("shortest", "squash"):
+        raise ValueError(f"preprocess_cfg.resize_mode={resize_mode!r}: expected 'shortest' or 'squash'")
+    interpolation = preprocess_cfg.get("interpolation", "bicubic")
+    if interpolation not in RESAMPLE:
+        raise ValueError(f"preprocess_cfg.interpolation={interpolation!r}: expected bicubic, bilinear or nearest")
+    return {"size": int(h), "resize_mode": resize_mode, "interpolation": interpolation, "view": view}
+
+
+def mgll_image_processor(class_name: str, preprocess_cfg: dict[str, Any], view: str = "crop", **kwargs: Any):
+    """``class_name`` from the swapped folders' remote image-processing code, at the encoder's view and statistics."""
+    from mgll.adapters.remote import mgll_image_processing
+
+    return getattr(mgll_image_processing, class_name)(
+        mgll_view=view_spec(preprocess_cfg, view), **{**norm_kwargs(preprocess_cfg), **kwargs}
+    )
 
 
 def build_image_processor(preprocess_cfg: dict[str, Any]):

@@ -200,6 +200,10 @@ class Host:
             except AttributeError:
                 raise ValueError(f"{where}: {type(model).__name__} has no {role} at {path!r}; not a {self.name} model") from None
 
+    def source_view(self, processor: Any) -> str | None:
+        """The image view the source MLLM's own processor uses when it is one of ours (``pad``), else None."""
+        return None
+
     def tower(self, model: nn.Module) -> nn.Module:
         return get_module(model, self.tower_path)
 
@@ -258,7 +262,9 @@ class Host:
     def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
         raise NotImplementedError
 
-    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
+        """The host's processor for the swapped model: the MGLL grid, and the encoder's pixels (``view``:
+        :data:`mgll.adapters.vision_tower.IMAGE_VIEWS`) through the remote image processors where the stock one differs."""
         raise NotImplementedError
 
     def build_batch(

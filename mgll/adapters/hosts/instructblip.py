@@ -150,20 +150,17 @@ class InstructBlipHost(Host):
         self.check_fit(model)
         return model
 
-    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
-        """An ``InstructBlipProcessor`` that resizes to the MGLL image size with the encoder's normalisation."""
-        from transformers import BlipImageProcessor, InstructBlipProcessor
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
+        """An ``InstructBlipProcessor`` whose images become the encoder's square view at its normalisation."""
+        from transformers import InstructBlipProcessor
 
-        from mgll.adapters.vision_tower import norm_kwargs, preprocess_cfg_of
+        from mgll.adapters.vision_tower import mgll_image_processor, preprocess_cfg_of
 
         if processor is None or getattr(processor, "qformer_tokenizer", None) is None:
             raise ValueError("the InstructBLIP folder has no processor with a qformer_tokenizer; cannot build the prompts")
         v = self._visual(model)
-        image_processor = BlipImageProcessor(
-            size={"height": v.image_size, "width": v.image_size},
-            do_convert_rgb=True,
-            **norm_kwargs(preprocess_cfg_of(encoder)),
-        )
+        image_processor = mgll_image_processor("MgllBlipImageProcessor", preprocess_cfg_of(encoder), view,
+                                               size={"height": v.image_size, "width": v.image_size}, do_convert_rgb=True)
         return InstructBlipProcessor(
             image_processor=image_processor,
             tokenizer=tokenizer if tokenizer is not None else processor.tokenizer,

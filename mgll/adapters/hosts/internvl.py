@@ -175,21 +175,23 @@ class InternVLHost(Host):
         self.check_fit(model)
         return model
 
-    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
-        """An ``InternVLProcessor`` tiling at the MGLL image size with the encoder's normalisation."""
-        from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
+        """An ``InternVLProcessor`` tiling at the MGLL image size; the thumbnail (or single tile) is the encoder's view."""
+        from transformers import InternVLProcessor, InternVLVideoProcessor
 
-        from mgll.adapters.vision_tower import norm_kwargs, preprocess_cfg_of
+        from mgll.adapters.vision_tower import mgll_image_processor, norm_kwargs, preprocess_cfg_of
 
         tokenizer = resolve_tokenizer(processor, tokenizer)
         old = getattr(processor, "image_processor", None)
         s = int(self._tower(model).config.image_size)
-        norm = {"size": {"height": s, "width": s}, **norm_kwargs(preprocess_cfg_of(encoder))}
-        image_processor = GotOcr2ImageProcessor(
+        cfg = preprocess_cfg_of(encoder)
+        norm = {"size": {"height": s, "width": s}, **norm_kwargs(cfg)}
+        image_processor = mgll_image_processor(
+            "MgllGotOcr2ImageProcessor", cfg, view,
+            size={"height": s, "width": s},
             crop_to_patches=bool(getattr(old, "crop_to_patches", True)),
             min_patches=int(getattr(old, "min_patches", 1)),
             max_patches=int(getattr(old, "max_patches", 12)),
-            **norm,
         )
         return InternVLProcessor(
             image_processor=image_processor,

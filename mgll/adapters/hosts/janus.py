@@ -159,19 +159,16 @@ class JanusHost(Host):
         self.check_fit(model)
         return model
 
-    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
-        """A ``JanusProcessor`` at the MGLL image size and statistics, with the MGLL grid's token count."""
-        from transformers import JanusImageProcessor, JanusProcessor
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
+        """A ``JanusProcessor`` whose images become the encoder's square view (not padded), with the MGLL grid's token count."""
+        from transformers import JanusProcessor
 
-        from mgll.adapters.vision_tower import norm_kwargs, preprocess_cfg_of
+        from mgll.adapters.vision_tower import mgll_image_processor, preprocess_cfg_of
 
         tokenizer = resolve_tokenizer(processor, tokenizer)
         v = self._visual(model)
-        image_processor = JanusImageProcessor(
-            size={"height": v.image_size, "width": v.image_size},
-            min_size=v.patch_size,
-            **norm_kwargs(preprocess_cfg_of(encoder)),
-        )
+        image_processor = mgll_image_processor("MgllJanusImageProcessor", preprocess_cfg_of(encoder), view,
+                                               size={"height": v.image_size, "width": v.image_size}, min_size=v.patch_size)
         return JanusProcessor(
             image_processor=image_processor,
             tokenizer=tokenizer,

@@ -28,7 +28,10 @@ from mgll.adapters.hosts.base import (
     vit_spec,
     zero_init_last,
 )
-from mgll.adapters.vision_tower import build_image_processor, preprocess_cfg_of
+from mgll.adapters.vision_tower import (
+    mgll_image_processor,
+    preprocess_cfg_of,
+)
 
 __all__ = ["LlavaHost", "PROJECTOR_INITS"]
 
@@ -127,14 +130,23 @@ class LlavaHost(Host):
 
         return LlavaProcessor
 
-    def _image_processor(self, model: nn.Module, encoder: nn.Module) -> Any:
-        return build_image_processor(preprocess_cfg_of(encoder))
+    def source_view(self, processor: Any) -> str | None:
+        """``pad`` when the source processor pads to a square (LLaVA-1.5 / LLaVA-Med as ``convert-llava`` writes them)."""
+        ip = getattr(processor, "image_processor", None)
+        return "pad" if type(ip).__name__ == "LlavaImageProcessor" and getattr(ip, "do_pad", False) else None
 
-    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
-        """The host's processor with the MGLL encoder's resize/normalisation and the new patch size."""
+    def _image_processor(self, model: nn.Module, encoder: nn.Module, view: str) -> Any:
+        """The remote ``MgllCLIPImageProcessor``: the stock CLIP processor floors the centre-crop offset where
+        open_clip rounds it, a one-pixel shift for half-pixel offsets; ``pad`` is LLaVA-1.5's convention."""
+        s = int(model.config.vision_config.image_size)
+        return mgll_image_processor("MgllCLIPImageProcessor", preprocess_cfg_of(encoder), view, size={"shortest_edge": s},
+                                    crop_size={"height": s, "width": s})
+
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
+        """The host's processor with the MGLL encoder's view, normalisation and patch size."""
         tokenizer = resolve_tokenizer(processor, tokenizer)
         return self._processor_class()(
-            image_processor=self._image_processor(model, encoder),
+            image_processor=self._image_processor(model, encoder, view),
             tokenizer=tokenizer,
             patch_size=int(model.config.vision_config.patch_size),
             vision_feature_select_strategy=model.config.vision_feature_select_strategy,

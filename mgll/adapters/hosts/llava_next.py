@@ -125,18 +125,16 @@ class LlavaNextHost(LlavaHost):
 
         return LlavaNextProcessor
 
-    def _image_processor(self, model: nn.Module, encoder: nn.Module) -> Any:
-        """Tiles at the MGLL image size with the encoder's resize and normalisation."""
-        from transformers import LlavaNextImageProcessor
-
-        from mgll.adapters.vision_tower import norm_kwargs, preprocess_cfg_of
+    def _image_processor(self, model: nn.Module, encoder: nn.Module, view: str) -> Any:
+        """anyres tiles as LLaVA-NeXT makes them, at the MGLL image size; the base view is the encoder's (not a squash)."""
+        from mgll.adapters.vision_tower import mgll_image_processor, preprocess_cfg_of
 
         s = int(model.config.vision_config.image_size)
-        return LlavaNextImageProcessor(
+        return mgll_image_processor(
+            "MgllLlavaNextImageProcessor", preprocess_cfg_of(encoder), view,
             size={"shortest_edge": s},
             crop_size={"height": s, "width": s},
             image_grid_pinpoints=[list(p) for p in model.config.image_grid_pinpoints],
-            **norm_kwargs(preprocess_cfg_of(encoder)),
         )
 
     # -- alignment batches ---------------------------------------------------------------------

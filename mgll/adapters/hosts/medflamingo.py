@@ -164,8 +164,10 @@ class MedFlamingoHost(Host):
 
         return processor_class()(image_processor=build_image_processor(preprocess_cfg_of(model.vision_encoder)), tokenizer=tokenizer)
 
-    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
         """An ``MgllFlamingoProcessor``: the MGLL encoder's resize/normalisation + the LM tokenizer (with ``<image>``, ``<|endofchunk|>``)."""
+        if view != "crop":
+            raise ValueError(f"image view {view!r}: the medflamingo host uses the encoder's own open_clip transform (crop) only")
         from mgll.adapters.flamingo_processor import EOC_TOKEN, MEDIA_TOKEN, processor_class
         from mgll.adapters.vision_tower import build_image_processor, preprocess_cfg_of
 

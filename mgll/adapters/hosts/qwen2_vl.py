@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
 from mgll.adapters.hosts import register_host
@@ -43,21 +42,9 @@ from mgll.adapters.hosts.base import (
     zero_init_last,
 )
 
-__all__ = ["Qwen2VLHost", "swapped_class", "square_images"]
+__all__ = ["Qwen2VLHost", "swapped_class"]
 
 DEFAULT_SELECT_LAYER = -1  # Qwen2-VL merges its last block's output; the merger brings its own LayerNorm
-
-
-def square_images(images: list, size: int) -> list:
-    """Centre-crop to a square, then resize to ``size`` (bicubic): the only input the fixed MGLL grid fits."""
-    out = []
-    for im in images:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        out.append(im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BICUBIC))
-    return out
 
 
 def remote():
@@ -170,28 +157,26 @@ class Qwen2VLHost(Host):
         self.check_fit(model)
         return model
 
-    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module) -> Any:
-        """A ``Qwen2VLProcessor`` whose patch grid is the MGLL grid and whose normalisation is the encoder's."""
-        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
+        """A ``Qwen2VLProcessor`` whose images become the encoder's square view, one MGLL grid each, at its normalisation."""
+        from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-        from mgll.adapters.vision_tower import norm_kwargs, preprocess_cfg_of
+        from mgll.adapters.vision_tower import mgll_image_processor, norm_kwargs, preprocess_cfg_of
 
         tokenizer = resolve_tokenizer(processor, tokenizer)
         v = self._visual(model)
-        norm = norm_kwargs(preprocess_cfg_of(encoder))
+        cfg = preprocess_cfg_of(encoder)
         kw = {
             "patch_size": v.patch_size,
             "merge_size": v.spatial_merge_size,
             "temporal_patch_size": v.temporal_patch_size,
             "min_pixels": v.image_size**2,
             "max_pixels": v.image_size**2,
-            "image_mean": norm["image_mean"],  # resample stays Qwen2-VL's own
-            "image_std": norm["image_std"],
         }
         return Qwen2VLProcessor(
-            image_processor=Qwen2VLImageProcessor(**kw),
+            image_processor=mgll_image_processor("MgllQwen2VLImageProcessor", cfg, view, **kw),
             tokenizer=tokenizer,
-            video_processor=Qwen2VLVideoProcessor(**kw),
+            video_processor=Qwen2VLVideoProcessor(**kw, image_mean=norm_kwargs(cfg)["image_mean"], image_std=norm_kwargs(cfg)["image_std"]),
             chat_template=chat_template_of(processor),
         )
 
@@ -203,7 +188,7 @@ class Qwen2VLHost(Host):
         tok = processor.tokenizer
         image_id = int(model.config.image_token_id)
         v = self._visual(model)
-        vis = processor.image_processor(square_images(images, v.image_size), return_tensors="pt")
+        vis = processor.image_processor(images, return_tensors="pt")
         n_per = (vis["image_grid_thw"].prod(-1) // v.spatial_merge_size**2).tolist()
         heads = [bos_ids(tok) + [image_id] * int(n) for n in n_per]
         input_ids, mask, label_t = caption_batch(tok, heads, prompts, targets)
