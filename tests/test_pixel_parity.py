@@ -19,12 +19,14 @@ from mgll.adapters.hosts import get_host
 from mgll.adapters.swap import load_processor, load_swapped, read_swap_spec
 from mgll.cli import main
 from mgll.encoder.factory import create_encoder, save_encoder
+from mgll.mllm_eval.scoring import build_prompt, encode_prefix
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from stock_models import build_stock  # noqa: E402  (tiny models from transformers' own classes, each release's processor)
+
 MEAN, STD = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)  # not any host's own: a processor left on those fails
 SIZES = [(150, 200), (200, 150), (64, 64), (13, 20), (101, 333)]  # (height, width): landscape, portrait, square, tiny, wide
-BUILDERS = {"llava": tiny.make_tiny_llava, "llava_next": tiny.make_tiny_llava_next, "qwen2_vl": tiny.make_tiny_qwen2_vl,
-            "internvl": tiny.make_tiny_internvl, "janus": tiny.make_tiny_janus, "instructblip": tiny.make_tiny_instructblip}
+HOSTS = ["instructblip", "internvl", "janus", "llava", "llava_next", "qwen2_vl"]
 ONE_LEVEL = 1.0 + 1e-3  # in 8-bit levels, after undoing the normalisation
 
 
@@ -47,7 +49,7 @@ def encoder(tmp_path_factory):
 
 
 def swap_folder(tmp_path, host, encoder_dir, *extra):
-    BUILDERS[host](tmp_path / "src", ["describe the image"])
+    build_stock(host, tmp_path / "src")
     out = tmp_path / "swapped"
     assert main(["swap", "--host", host, "--mllm", str(tmp_path / "src"), "--encoder", str(encoder_dir), "--out", str(out), *extra]) == 0
     return out
@@ -67,15 +69,16 @@ def qwen_frames(pixel_values: torch.Tensor, grid_thw: torch.Tensor, patch: int =
 
 
 def tower_view(host: str, processor, image: Image.Image) -> tuple[torch.Tensor, dict]:
-    """The whole-image view the MGLL tower gets for ``image``, as (3, S, S) normalised pixels, and the raw output."""
-    out = processor.image_processor([image], return_tensors="pt")
+    """The whole-image view the MGLL tower gets for ``image`` through the inference path (the processor's
+    full call on the host's chat prompt, as `mgll mcq` and the demo do), as (3, S, S) pixels, and the raw inputs."""
+    out = encode_prefix(processor, build_prompt(host, processor, "describe the image"), image, "cpu", torch.float32)
     pv = out["pixel_values"]
     if host == "qwen2_vl":
         return qwen_frames(pv, out["image_grid_thw"])[0], out
     if host == "llava_next":
         return pv[0, 0], out  # the base view comes before the anyres tiles
     if host == "internvl":
-        return pv[int(out["num_patches"][0]) - 1], out  # the thumbnail is the last tile (or the single tile)
+        return pv[-1], out  # the thumbnail is the last tile (or the single tile)
     return pv[0], out
 
 
@@ -83,7 +86,7 @@ def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs() * torch.tensor(STD).view(3, 1, 1) * 255
 
 
-@pytest.mark.parametrize("host", sorted(BUILDERS))
+@pytest.mark.parametrize("host", HOSTS)
 def test_the_tower_sees_the_encoders_eval_transform(host, encoder, tmp_path):
     encoder_dir, preprocess = encoder
     folder = swap_folder(tmp_path, host, encoder_dir)
@@ -109,8 +112,9 @@ def test_multi_tile_hosts_keep_their_own_tiles(host, stock_class, encoder, tmp_p
     settings = {k: v for k, v in ours.to_dict().items() if k not in ("mgll_view", "image_processor_type", "auto_map", "processor_class")}
     stock = getattr(transformers, stock_class)(**settings)
     image = photo(150, 300)
-    a = ours([image], return_tensors="pt")["pixel_values"]
-    b = stock([image], return_tensors="pt")["pixel_values"]
+    tiling = {"crop_to_patches": True} if host == "internvl" else {}  # InternVLProcessor tiles by default
+    a = ours([image], return_tensors="pt", **tiling)["pixel_values"]
+    b = stock([image], return_tensors="pt", **tiling)["pixel_values"]
     assert a.shape == b.shape
     if host == "llava_next":
         assert a.shape[1] > 2, "the wide image should make several anyres tiles"

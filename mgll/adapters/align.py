@@ -53,7 +53,9 @@ class AlignConfig:
     stage: int = 1
     split: str | None = "train"
     levels: list[str] | None = None  # caption levels, all by default
-    prompt: str = "\n"  # text between the image tokens and the caption
+    # the user turn of each example, wrapped in the folder's chat template exactly as inference wraps a question
+    instruction: str = "Describe the findings in this fundus photograph."
+    chat_template: str | None = None  # a Jinja file replacing the folder's chat template (saved with the run, used on load)
     steps: int = 100
     batch_size: int = 8
     lr: float = 1e-3
@@ -75,6 +77,20 @@ class AlignConfig:
     log_every: int = 1
     max_nonfinite_steps: int = 3  # a NaN/inf loss or gradient skips the step; this many in a row stop the run
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def read_chat_template(path: str | os.PathLike) -> str:
+    """A Jinja chat template file (``--chat-template``); it must place the image and the text of a user turn."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--chat-template {p}: no such file")
+    text = p.read_text(encoding="utf-8")
+    if "message" not in text or "content" not in text:
+        raise ValueError(f"--chat-template {p}: not a chat template (no loop over messages and their content)")
+    return text
 
 
 def record_caption(card, labels: dict[str, tuple[str, ...]], levels: list[str] | None = None) -> str:
@@ -363,6 +379,8 @@ def align(
     ds = load_dataset(cfg.data)
     pairs = CaptionPairs(ds, cfg.split, cfg.levels)
     processor = load_processor(cfg.model)
+    if cfg.chat_template:
+        processor.chat_template = read_chat_template(cfg.chat_template)
     model = _load_model(cfg, host, accelerator.device)  # under ZeRO-3: loaded partitioned (zero.Init)
     if cfg.projector:
         with gathered(host.projector(model).parameters(), modifier_rank=0):
@@ -418,7 +436,7 @@ def align(
     if rng is not None:  # after iter(): creating the iterator draws from the global generator
         torch.set_rng_state(rng)
     for images, captions in batches:
-        batch = host.build_batch(base, processor, images, [cfg.prompt] * len(captions), captions)
+        batch = host.build_batch(base, processor, images, [cfg.instruction] * len(captions), captions)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(host.tower(base).dtype)
         with accelerator.autocast():
@@ -488,6 +506,8 @@ def _finish(out: Path, cfg, spec, ckpt: Path, step, losses, pairs) -> None:
     if cfg.train_tower:
         with atomic_path(out / "tower.safetensors") as tmp:
             shutil.copyfile(ckpt / "tower.safetensors", tmp)
+    if cfg.chat_template:  # inference must wrap questions the way training wrapped instructions
+        atomic_write_text(out / CHAT_TEMPLATE_FILE, read_chat_template(cfg.chat_template))
     k = max(1, min(5, len(losses) // 4 or 1))
     summary = {
         "stage": cfg.stage,
@@ -528,6 +548,9 @@ def load_aligned(swap_dir: str | os.PathLike, align_dir: str | os.PathLike, **fr
         from safetensors.torch import load_file
 
         get_host(spec["host"]).tower(model).load_state_dict(load_file(str(tower)))
+    template = Path(align_dir) / CHAT_TEMPLATE_FILE
+    if processor is not None and template.is_file():  # the run trained with its own template: ask with it too
+        processor.chat_template = template.read_text(encoding="utf-8")
     adapter = Path(align_dir) / ADAPTER_DIR
     if adapter.is_dir():
         from peft import PeftModel

@@ -70,6 +70,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
         seed=args.seed,
         save_every=args.save_every,
         deepspeed=args.deepspeed,
+        instruction=args.instruction,
+        chat_template=args.chat_template,
     )
     out = align(cfg, resume=args.resume, progress=not args.no_progress)
     with open(out / "summary.json", encoding="utf-8") as f:
@@ -133,6 +135,9 @@ def register(sub) -> None:
     p.add_argument("--qlora", action="store_true", help="stage 2 with the LM in 4-bit nf4 (bitsandbytes)")
     p.add_argument("--train-tower", action="store_true", help="also unfreeze the vision tower")
     p.add_argument("--projector", help="start from this projector.safetensors (e.g. stage 1's)")
+    p.add_argument("--instruction", default=d.instruction,
+                   help="the user turn of every example, wrapped in the model's chat template as inference wraps a question")
+    p.add_argument("--chat-template", metavar="JINJA", help="a chat template file replacing the model folder's (saved with the run)")
     p.add_argument("--precision", default=d.precision, help="fp32 | bf16 | fp16 | auto (accelerate mixed precision)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)

@@ -117,10 +117,13 @@ def check_edited_folder_rejected(root: Path, filename: str, keys, value, match: 
         path.write_text(original)
 
 
-def check_stage1(root: Path, host: str, trained, min_drop=0.05, levels=LEVELS):
+def check_stage1(root: Path, host: str, trained, min_drop=0.03, levels=LEVELS):
     """Stage 1 (20 steps) lowers the loss and changes every tensor under `trained` and nothing else.
 
     min_drop=None leaves the loss check to the caller (a host whose first steps start near the floor).
+    0.03: the batches carry the host's whole inference prompt (chat template, instruction) between the image
+    and the caption, so a projector steering a frozen random 2-layer LM moves the caption loss less in 20 steps
+    than when the caption followed the image tokens directly (measured drops 0.038-0.06; 0.05 before).
     Returns the summary and the run folder.
     """
     out = root / "stage1"

@@ -42,19 +42,6 @@ def mgll_part(model: nn.Module, path: str, cls: type) -> nn.Module:
     return part
 
 
-def pad_batch(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad token rows into ``(input_ids, attention_mask, labels)``; padded label positions are -100."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    label_t = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, labels)):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        label_t[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(r)] = 1
-    return input_ids, mask, label_t
-
-
 def check_projector_init(projector_init: str) -> None:
     if projector_init not in PROJECTOR_INITS:
         raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(PROJECTOR_INITS)}")
@@ -77,6 +64,12 @@ def check_layer_index(name: str, layer: int, blocks: int) -> None:
     n = blocks + 1
     if not -n <= layer < n:
         raise ShapeMismatch(f"{name}={layer} does not exist in a {blocks}-block tower (hidden-state indices {-n}..{n - 1})")
+
+
+def feature_layers(config) -> list[int]:
+    """``config.vision_feature_layer`` as a list: LLaVA-family configs take one index or several (concatenated)."""
+    layer = config.vision_feature_layer
+    return [layer] if isinstance(layer, int) else list(layer)
 
 
 def vit_spec(vc, select_layer: Any) -> dict[str, Any]:
@@ -106,29 +99,6 @@ def resolve_tokenizer(processor: Any, tokenizer: Any, error: str = NO_TOKENIZER)
 
 def chat_template_of(processor: Any) -> str | None:
     return getattr(processor, "chat_template", None) if processor is not None else None
-
-
-def bos_ids(tok) -> list[int]:
-    return [tok.bos_token_id] if tok.bos_token_id is not None else []
-
-
-def caption_batch(
-    tok, heads: list[list[int]], prompts: list[str], targets: list[str], end: list[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows ``head prompt target end`` (``end`` defaults to ``[eos]``), loss on ``target end`` only, right-padded.
-
-    ``heads`` carry each host's image-token layout; the text part is the same for every host.
-    """
-    if end is None:
-        end = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    rows, labels = [], []
-    for head, prompt, target in zip(heads, prompts, targets):
-        head = head + tok(prompt, add_special_tokens=False)["input_ids"]
-        tail = tok(target, add_special_tokens=False)["input_ids"] + end
-        rows.append(head + tail)
-        labels.append([-100] * len(head) + tail)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return pad_batch(rows, labels, pad)
 
 
 @functools.cache
@@ -267,7 +237,15 @@ class Host:
         :data:`mgll.adapters.vision_tower.IMAGE_VIEWS`) through the remote image processors where the stock one differs."""
         raise NotImplementedError
 
+    def target_end_ids(self, model: nn.Module, tokenizer: Any) -> list[int]:
+        """What closes a caption the model learns to write: the tokenizer's end-of-sequence token."""
+        return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
     def build_batch(
         self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
     ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Alignment rows laid out exactly as inference prompts (:func:`mgll.adapters.prompts.alignment_batch`):
+        the chat-templated ``prompts`` with the image, through the processor's own call, then ``targets``."""
+        from mgll.adapters.prompts import alignment_batch
+
+        return alignment_batch(self.name, processor, images, prompts, targets, self.target_end_ids(model, processor.tokenizer))

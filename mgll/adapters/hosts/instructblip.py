@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
@@ -38,8 +37,6 @@ from mgll.adapters.hosts.base import (
     Host,
     ShapeMismatch,
     become_swapped,
-    bos_ids,
-    caption_batch,
     check_layer_index,
     mgll_part,
     remote_module,
@@ -167,22 +164,3 @@ class InstructBlipHost(Host):
             qformer_tokenizer=processor.qformer_tokenizer,
             num_query_tokens=int(model.config.num_query_tokens),
         )
-
-    # -- alignment batches ---------------------------------------------------------------------
-    def build_batch(
-        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
-    ) -> dict[str, torch.Tensor]:
-        """``<image>*Q [bos] prompt target [eos]`` (the processor's layout) + the prompt for the Q-Former."""
-        tok, qtok = processor.tokenizer, processor.qformer_tokenizer
-        image_id = int(model.config.image_token_index)
-        head = [image_id] * self.num_image_tokens(model) + bos_ids(tok)
-        input_ids, mask, label_t = caption_batch(tok, [head] * len(prompts), prompts, targets)
-        q = qtok(prompts, padding=True, return_tensors="pt")
-        q_ids, q_mask = q["input_ids"], q["attention_mask"]
-        if q_ids.shape[1] == 0:  # a prompt with no Q-Former tokens: one masked pad keeps the shapes valid
-            qpad = qtok.pad_token_id if qtok.pad_token_id is not None else 0
-            q_ids = torch.full((len(input_ids), 1), qpad, dtype=torch.long)
-            q_mask = torch.zeros((len(input_ids), 1), dtype=torch.long)
-        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values,
-                "qformer_input_ids": q_ids, "qformer_attention_mask": q_mask}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
@@ -29,11 +28,10 @@ from mgll.adapters.hosts.base import (
     Host,
     ShapeMismatch,
     become_swapped,
-    bos_ids,
-    caption_batch,
     chat_template_of,
     check_layer_index,
     check_projector_init,
+    feature_layers,
     mgll_part,
     remote_module,
     resolve_tokenizer,
@@ -50,11 +48,6 @@ def _shuffle_scale(config) -> int:
     if abs(scale * ratio - 1) > 1e-6:
         raise ShapeMismatch(f"downsample_ratio={ratio}: the pixel shuffle needs 1/ratio to be a whole number")
     return scale
-
-
-def _layers(config) -> list[int]:
-    layer = config.vision_feature_layer
-    return [layer] if isinstance(layer, int) else list(layer)
 
 
 def remote():
@@ -115,7 +108,7 @@ class InternVLHost(Host):
                 f"(image {vc.image_size}px / patch {vc.patch_size}px, downsample_ratio {model.config.downsample_ratio}); "
                 "InternVL needs a grid divisible by 1/downsample_ratio"
             )
-        if len(_layers(model.config)) != 1:
+        if len(feature_layers(model.config)) != 1:
             raise ShapeMismatch(f"vision_feature_layer={model.config.vision_feature_layer}: InternVL takes one layer")
         width, expects = self.tower_feature_width(model), self.projector_in_features(model)
         if width != expects:
@@ -135,7 +128,7 @@ class InternVLHost(Host):
                 f"grid mismatch: the LM expects image_seq_length={seq} image tokens per tile but the tower gives {tokens} "
                 f"({g}x{g} patches / {s}x{s} pixel shuffle)"
             )
-        check_layer_index("vision_feature_layer", _layers(model.config)[0], int(vc.num_hidden_layers))
+        check_layer_index("vision_feature_layer", feature_layers(model.config)[0], int(vc.num_hidden_layers))
 
     def tower_spec(self, model: nn.Module) -> dict[str, Any]:
         return {
@@ -200,19 +193,3 @@ class InternVLHost(Host):
             image_seq_length=self.num_image_tokens(model),
             chat_template=chat_template_of(processor),
         )
-
-    # -- alignment batches ---------------------------------------------------------------------
-    def build_batch(
-        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
-    ) -> dict[str, torch.Tensor]:
-        """``[bos] <img> <IMG_CONTEXT>*(seq x tiles_i) </img> prompt target [eos]``; loss on the target."""
-        tok = processor.tokenizer
-        image_id = int(model.config.image_token_id)
-        seq = self.num_image_tokens(model)
-        vis = processor.image_processor(images, return_tensors="pt")
-        tiles = vis["num_patches"]
-        tiles = tiles.tolist() if hasattr(tiles, "tolist") else list(tiles)
-        start, end = processor.start_image_token_id, processor.end_image_token_id
-        heads = [bos_ids(tok) + [start] + [image_id] * (seq * int(n)) + [end] for n in tiles]
-        input_ids, mask, label_t = caption_batch(tok, heads, prompts, targets)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": vis["pixel_values"]}

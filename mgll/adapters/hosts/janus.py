@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
@@ -38,8 +37,6 @@ from mgll.adapters.hosts.base import (
     Host,
     ShapeMismatch,
     become_swapped,
-    bos_ids,
-    caption_batch,
     chat_template_of,
     check_layer_index,
     check_projector_init,
@@ -176,16 +173,3 @@ class JanusHost(Host):
             use_default_system_prompt=bool(getattr(processor, "use_default_system_prompt", False)),
             num_image_tokens=self.num_image_tokens(model),
         )
-
-    # -- alignment batches ---------------------------------------------------------------------
-    def build_batch(
-        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
-    ) -> dict[str, torch.Tensor]:
-        """``[bos] <begin_of_image> <image>*N <end_of_image> prompt target [eos]``; loss on the target."""
-        tok = processor.tokenizer
-        image_id = int(model.config.image_token_id)
-        boi, eoi = tok.convert_tokens_to_ids(processor.image_start_token), tok.convert_tokens_to_ids(processor.image_end_token)
-        head = bos_ids(tok) + [boi] + [image_id] * self.num_image_tokens(model) + [eoi]
-        input_ids, mask, label_t = caption_batch(tok, [head] * len(prompts), prompts, targets)
-        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values}

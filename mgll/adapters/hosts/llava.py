@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from mgll.adapters.export_hf import clip_vision_config, to_hf_clip_vision
@@ -19,11 +18,10 @@ from mgll.adapters.hosts.base import (
     PROJECTOR_INITS,
     Host,
     ShapeMismatch,
-    bos_ids,
-    caption_batch,
     chat_template_of,
     check_layer_index,
     check_projector_init,
+    feature_layers,
     resolve_tokenizer,
     vit_spec,
     zero_init_last,
@@ -34,11 +32,6 @@ from mgll.adapters.vision_tower import (
 )
 
 __all__ = ["LlavaHost", "PROJECTOR_INITS"]
-
-
-def _layers(config) -> list[int]:
-    layer = config.vision_feature_layer
-    return [layer] if isinstance(layer, int) else list(layer)
 
 
 @register_host("llava")
@@ -63,18 +56,18 @@ class LlavaHost(Host):
         return int(self.projector(model).linear_1.in_features)
 
     def tower_feature_width(self, model: nn.Module) -> int:
-        return int(model.config.vision_config.hidden_size) * len(_layers(model.config))
+        return int(model.config.vision_config.hidden_size) * len(feature_layers(model.config))
 
     def _check_width(self, model: nn.Module) -> None:
         width, expects = self.tower_feature_width(model), self.projector_in_features(model)
         if width != expects:
             raise ShapeMismatch(
                 f"width mismatch: the projector expects {expects}-wide vision features but the tower gives {width} "
-                f"(hidden_size {model.config.vision_config.hidden_size} x {len(_layers(model.config))} selected layers)"
+                f"(hidden_size {model.config.vision_config.hidden_size} x {len(feature_layers(model.config))} selected layers)"
             )
 
     def _check_layers(self, model: nn.Module) -> None:
-        for layer in _layers(model.config):
+        for layer in feature_layers(model.config):
             check_layer_index("vision_feature_layer", layer, int(model.config.vision_config.num_hidden_layers))
 
     def check_fit(self, model: nn.Module) -> None:
@@ -154,14 +147,3 @@ class LlavaHost(Host):
             chat_template=chat_template_of(processor),
             image_token=getattr(processor, "image_token", "<image>") if processor is not None else "<image>",
         )
-
-    # -- alignment batches ---------------------------------------------------------------------
-    def build_batch(
-        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
-    ) -> dict[str, torch.Tensor]:
-        """``[bos] <image>*N prompt target [eos]``, loss on ``target [eos]`` only, right-padded."""
-        tok = processor.tokenizer
-        head = bos_ids(tok) + [int(model.config.image_token_id)] * self.num_image_tokens(model)
-        input_ids, mask, label_t = caption_batch(tok, [head] * len(prompts), prompts, targets)
-        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values}

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from mgll.adapters.export_hf import clip_vision_config
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import ShapeMismatch, bos_ids, caption_batch, check_projector_init
+from mgll.adapters.hosts.base import ShapeMismatch, check_projector_init
 from mgll.adapters.hosts.llava import LlavaHost
 
 __all__ = ["LlavaNextHost", "rescale_pinpoints", "anyres_token_count"]
@@ -136,16 +135,3 @@ class LlavaNextHost(LlavaHost):
             crop_size={"height": s, "width": s},
             image_grid_pinpoints=[list(p) for p in model.config.image_grid_pinpoints],
         )
-
-    # -- alignment batches ---------------------------------------------------------------------
-    def build_batch(
-        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
-    ) -> dict[str, torch.Tensor]:
-        """``[bos] <image>*N_i prompt target [eos]`` with ``N_i`` from image ``i``'s own size; loss on the target."""
-        tok = processor.tokenizer
-        image_id = int(model.config.image_token_id)
-        vis = processor.image_processor(images, return_tensors="pt")
-        heads = [bos_ids(tok) + [image_id] * self.image_tokens(model, h, w) for h, w in vis["image_sizes"].tolist()]
-        input_ids, mask, label_t = caption_batch(tok, heads, prompts, targets)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
-                "pixel_values": vis["pixel_values"], "image_sizes": vis["image_sizes"]}

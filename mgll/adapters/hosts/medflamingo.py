@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import Host, ShapeMismatch, bos_ids, caption_batch, mgll_part, resolve_tokenizer
+from mgll.adapters.hosts.base import Host, ShapeMismatch, mgll_part, resolve_tokenizer
 
 __all__ = ["MedFlamingoHost", "require_open_flamingo"]
 
@@ -180,13 +180,7 @@ class MedFlamingoHost(Host):
         return processor_class()(image_processor=build_image_processor(preprocess_cfg_of(encoder)), tokenizer=tokenizer)
 
     # -- alignment batches ---------------------------------------------------------------------
-    def build_batch(
-        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
-    ) -> dict[str, torch.Tensor]:
-        """``[bos] <image> prompt target <|endofchunk|>`` (OpenFlamingo's caption layout), loss on ``target <|endofchunk|>``."""
-        tok = processor.tokenizer
+    def target_end_ids(self, model: nn.Module, tokenizer: Any) -> list[int]:
+        """OpenFlamingo closes each image-text chunk with ``<|endofchunk|>``, not the LM's end-of-sequence."""
         m = model.get_base_model() if hasattr(model, "get_base_model") else model
-        head = bos_ids(tok) + [int(m.media_token_id)]
-        input_ids, mask, label_t = caption_batch(tok, [head] * len(prompts), prompts, targets, end=[int(m.eoc_token_id)])
-        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values}
+        return [int(m.eoc_token_id)]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
@@ -30,8 +29,6 @@ from mgll.adapters.hosts.base import (
     Host,
     ShapeMismatch,
     become_swapped,
-    bos_ids,
-    caption_batch,
     chat_template_of,
     check_layer_index,
     check_projector_init,
@@ -179,19 +176,3 @@ class Qwen2VLHost(Host):
             video_processor=Qwen2VLVideoProcessor(**kw, image_mean=norm_kwargs(cfg)["image_mean"], image_std=norm_kwargs(cfg)["image_std"]),
             chat_template=chat_template_of(processor),
         )
-
-    # -- alignment batches ---------------------------------------------------------------------
-    def build_batch(
-        self, model: nn.Module, processor: Any, images: list, prompts: list[str], targets: list[str]
-    ) -> dict[str, torch.Tensor]:
-        """``[bos] <image>*N prompt target [eos]`` with ``mm_token_type_ids`` (M-RoPE), loss on the target."""
-        tok = processor.tokenizer
-        image_id = int(model.config.image_token_id)
-        v = self._visual(model)
-        vis = processor.image_processor(images, return_tensors="pt")
-        n_per = (vis["image_grid_thw"].prod(-1) // v.spatial_merge_size**2).tolist()
-        heads = [bos_ids(tok) + [image_id] * int(n) for n in n_per]
-        input_ids, mask, label_t = caption_batch(tok, heads, prompts, targets)
-        type_t = ((input_ids == image_id) & mask.bool()).long()  # 1 on image tokens, for M-RoPE
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "mm_token_type_ids": type_t,
-                "pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}

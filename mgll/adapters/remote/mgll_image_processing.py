@@ -118,7 +118,15 @@ class MgllLlavaNextImageProcessor(_ViewMixin, LlavaNextImageProcessor):
 
 
 class MgllGotOcr2ImageProcessor(_ViewMixin, GotOcr2ImageProcessor):
-    """InternVL: dynamic tiles as the stock processor makes them; the thumbnail (or the single tile) is the encoder's view."""
+    """InternVL: dynamic tiles as the stock processor makes them; the thumbnail (or the single tile) is the encoder's view.
+
+    Without tiling (``crop_to_patches=False``) the stock processor squashes the whole image: it becomes the view.
+    """
+
+    def _preprocess(self, images: list[torch.Tensor], *args: Any, **kwargs: Any):
+        if not kwargs.get("crop_to_patches", False):
+            images = [self._view(im) for im in images]
+        return super()._preprocess(images, *args, **kwargs)
 
     def crop_image_to_patches(self, images: torch.Tensor, min_patches: int, max_patches: int, use_thumbnail: bool = True,
                               **kwargs: Any) -> torch.Tensor:

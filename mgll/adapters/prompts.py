@@ -1,0 +1,92 @@
+"""One prompt layout for alignment and inference: what a swapped MLLM is trained on is what it is asked.
+
+A projector trained on one token layout and evaluated on another is a silent mismatch: the
+alignment batches used to put the caption after a bare ``"\\n"`` with no chat template, left out
+Qwen2-VL's ``<|vision_start|>``/``<|vision_end|>`` and gave InstructBLIP's Q-Former an empty
+instruction, while generation and ``mgll mcq`` used the chat template. Here both paths build the
+prompt with :func:`build_prompt` and encode it with the processor's own full call (image tokens,
+vision markers, Q-Former text, per-token type ids); an alignment row is that prompt followed by
+the target and the host's end token, with the loss on the target only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+__all__ = ["build_prompt", "encode_prefix", "alignment_batch"]
+
+
+def build_prompt(host: str, processor: Any, text: str) -> str:
+    """The processor's chat template (image + text user turn, generation prompt) when it has one.
+
+    Without one, a plain template per family: LLaVA's ``USER: <image>\\n... ASSISTANT:``,
+    Qwen2-VL's vision markers, and InstructBLIP's bare text (its processor adds the query tokens).
+    """
+    template = getattr(processor, "chat_template", None)
+    if template:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if host == "instructblip":
+        return f"{text}\nAnswer:"
+    if host == "medflamingo":  # OpenFlamingo's few-shot VQA format
+        return f"{image_token}Question: {text} Answer:"
+    if host == "qwen2_vl":
+        return f"{image_token}\n{text}\nAnswer:"
+    return f"USER: {image_token}\n{text}\nASSISTANT:"
+
+
+def encode_prefix(processor: Any, prompt: str, image: Image.Image, device: torch.device | str, dtype: torch.dtype) -> dict:
+    """The model inputs for one prompt and image, as inference builds them (floating tensors in ``dtype``)."""
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    out = {}
+    for k, v in inputs.items():
+        if not torch.is_tensor(v):
+            continue
+        v = v.to(device)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def alignment_batch(host: str, processor: Any, images: list, instructions: list[str], targets: list[str],
+                    end_ids: list[int]) -> dict[str, torch.Tensor]:
+    """Rows ``prompt target end``: ``prompt`` exactly as :func:`encode_prefix` builds it for inference, loss on ``target end``.
+
+    The processor is called once on the whole batch (right-padded), so its image tokens, vision
+    markers and vision tensors are the inference ones; each row's prompt ids are its unpadded
+    prefix. Per-token inputs the processor returns (``mm_token_type_ids``) are extended with 0
+    over the target, as for any text token.
+    """
+    tok = processor.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        enc = processor(text=[build_prompt(host, processor, t) for t in instructions], images=list(images),
+                        return_tensors="pt", padding=True, padding_side="right")
+    finally:
+        tok.padding_side = side
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == ids.shape and k not in ("input_ids", "attention_mask")]
+    rows, labels, extra = [], [], {k: [] for k in per_token}
+    for i, target in enumerate(targets):
+        n = int(mask[i].sum())
+        if not bool(mask[i, :n].all()):
+            raise ValueError(f"{type(processor).__name__} did not right-pad row {i}; cannot find where its prompt ends")
+        tail = tok(target, add_special_tokens=False)["input_ids"] + list(end_ids)
+        rows.append(ids[i, :n].tolist() + tail)
+        labels.append([-100] * n + tail)
+        for k in per_token:
+            extra[k].append(enc[k][i, :n].tolist() + [0] * len(tail))
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def padded(seqs: list[list[int]], value: int) -> torch.Tensor:
+        return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+    out = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", *per_token)}
+    out.update(input_ids=padded(rows, pad), attention_mask=padded([[1] * len(r) for r in rows], 0),
+               labels=padded(labels, -100), **{k: padded(v, 0) for k, v in extra.items()})
+    return out
