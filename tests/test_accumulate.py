@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from mgll.encoder.accumulate import FeatureCache, check_accum_steps
+from mgll.encoder.accumulate import GradCache, check_accum_steps
 from mgll.encoder.config import load_config
 from mgll.encoder.factory import create_encoder, save_encoder
 from mgll.encoder.text_encoding import encode_texts
@@ -53,7 +53,7 @@ def _cached_step(loss_name, accelerator, k, prepare=None):
     model = build(loss_name)
     if prepare:
         prepare(model)
-    cache = FeatureCache(model, accelerator, k)
+    cache = GradCache(model, accelerator, k)
     terms = cache.forward(*global_batch())
     cache.backward()
     return terms, _grads(model)
@@ -97,7 +97,7 @@ def test_dropout_masks_are_replayed_in_the_second_pass(accelerator):
     torch.manual_seed(7)
     batch = model.batch_texts(labels)
     feats = torch.cat([model.image_features(images[j * 4 : (j + 1) * 4]) for j in range(k)])
-    half = (len(batch.texts) + 1) // 2  # FeatureCache's text chunks: the first ones longest
+    half = (len(batch.texts) + 1) // 2  # GradCache's text chunks: the first ones longest
     texts = [encode_texts(model.encoder, model.tokenizer, part, "cpu") for part in (batch.texts[:half], batch.texts[half:])]
     ref_out = model.objective(feats, torch.cat(texts), batch)
     ref_out["loss"].backward()
@@ -105,7 +105,7 @@ def test_dropout_masks_are_replayed_in_the_second_pass(accelerator):
 
     model.zero_grad()
     torch.manual_seed(7)
-    cache = FeatureCache(model, accelerator, k)
+    cache = GradCache(model, accelerator, k)
     terms = cache.forward(images, labels)
     cache.backward()
     assert abs(float(terms["loss"]) - float(ref_out["loss"])) <= 1e-5
@@ -124,7 +124,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(accelerator):
 
 
 class _CpuBf16:
-    """What FeatureCache uses of an Accelerator, under CPU bf16 autocast (accelerate's state is one per process)."""
+    """What GradCache uses of an Accelerator, under CPU bf16 autocast (accelerate's state is one per process)."""
 
     def autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16)

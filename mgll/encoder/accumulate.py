@@ -50,7 +50,7 @@ from mgll.encoder.contrastive import ContrastiveModel
 from mgll.encoder.distributed import gather_objects, gather_rows_with_grad, rank_and_world
 from mgll.encoder.text_encoding import encode_texts
 
-__all__ = ["FeatureCache", "RngState", "average_gradients", "check_accum_steps"]
+__all__ = ["GradCache", "RngState", "average_gradients", "check_accum_steps"]
 
 
 def check_accum_steps(batch_size: int, accum_steps: int, world: int) -> int:
@@ -116,7 +116,7 @@ def average_gradients(params: Sequence[torch.nn.Parameter], world: int, bucket_n
             offset += g.numel()
 
 
-class FeatureCache:
+class GradCache:
     """One optimizer step's forward and backward over ``accum_steps`` micro-batches per process.
 
     ``forward(images, label_sets)`` (pass 1) returns the loss terms, detached, exactly as the plain
@@ -191,7 +191,7 @@ class FeatureCache:
     def backward(self) -> None:
         """Pass 2: re-encode each micro-batch with a graph and back-propagate its cached gradient."""
         if self._state is None:
-            raise RuntimeError("FeatureCache.backward() without a forward() before it")
+            raise RuntimeError("GradCache.backward() without a forward() before it")
         state, self._state = self._state, None
         core, k = self.core, self.accum_steps
         images, texts = state["images"], state["texts"]

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from mgll.data import RecordImageDataset, collate_records, load_dataset
 from mgll.data.image_checks import preflight_images
 from mgll.data.records import RecordError
-from mgll.encoder.accumulate import FeatureCache, check_accum_steps
+from mgll.encoder.accumulate import GradCache, check_accum_steps
 from mgll.encoder.checkpoint import (
     checkpoint_rng,
     load_checkpoint,
@@ -297,7 +297,7 @@ def train(
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     accum = None  # train.accum_steps > 1: one step over micro-batches with cached features (accumulate.py)
     if cfg.train.accum_steps > 1:
-        accum = FeatureCache(core, accelerator, cfg.train.accum_steps, engine=model if stage is not None else None)
+        accum = GradCache(core, accelerator, cfg.train.accum_steps, engine=model if stage is not None else None)
     # DeepSpeed casts the model itself under bf16/fp16 (accelerate's autocast is off there): match its inputs
     input_dtype = next(core.parameters()).dtype if stage is not None else None
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from mgll.encoder.accumulate import FeatureCache
+from mgll.encoder.accumulate import GradCache
 from mgll.encoder.trainer import make_accelerator
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -23,7 +23,7 @@ def main():
     for loss_name in ("clip", "siglip", "mgll"):
         ddp = acc.prepare(build(loss_name))
         core = acc.unwrap_model(ddp)
-        cache = FeatureCache(core, acc, k)
+        cache = GradCache(core, acc, k)
         terms = cache.forward(images[sl], labels[sl])
         cache.backward()
         if acc.is_main_process:
