@@ -31,7 +31,7 @@ The DDP wrapper is bypassed (its reducer allreduces once per backward, and needs
 used in each one, which a per-tower replay is not); instead the gradients are averaged with one
 bucketed all-reduce after the last backward, the equivalent of ``no_sync`` on all but the last.
 
-DeepSpeed (ZeRO-1/2): the engine reduces gradients inside its own backward hooks, so every rank
+DeepSpeed (ZeRO-2, tested on CPU): the engine reduces gradients inside its own backward hooks, so every rank
 must run the same number of backwards touching the same parameters: pass 2 does exactly k per rank,
 backward j = image micro-batch j + text chunk j (+ the loss parameters on the last), each through
 ``engine.backward`` with the accumulation boundary set on the last only, then ``engine.step``.
@@ -100,12 +100,14 @@ def average_gradients(params: Sequence[torch.nn.Parameter], world: int, bucket_n
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
     buckets: list[list[torch.Tensor]] = []
+    filled = 0
     for g in grads:
-        last = buckets[-1] if buckets else None
-        if last and last[0].dtype == g.dtype and sum(t.numel() for t in last) + g.numel() <= bucket_numel:
-            last.append(g)
+        if buckets and buckets[-1][0].dtype == g.dtype and filled + g.numel() <= bucket_numel:
+            buckets[-1].append(g)
+            filled += g.numel()
         else:
             buckets.append([g])
+            filled = g.numel()
     for bucket in buckets:
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat)
