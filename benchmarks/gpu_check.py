@@ -12,6 +12,9 @@ Phases:
           (Llama-7B-shaped LM: 4096 wide, 11008 MLP, 32 heads, 32000 vocabulary; ``--lm-layers`` of
           its 32 layers, random weights, nothing downloaded), then ``mgll align`` stage 2 (LoRA) under
           ZeRO-3 (configs/deepspeed/zero3.json): s/step, peak memory.
+  large_batch  bf16 ViT-B/16, mgll loss: an effective batch of 4096 on one GPU as 16 micro-batches of 256
+          (feature-cached accumulation, ``train.accum_steps=16``) against a plain step on 256: peak memory
+          and time per sample, and their ratios (the GPU row of ``benchmarks/large_batch.py``).
   report  gpu.md from the JSONs.
 
 ``--cpu-smoke`` runs every phase at tiny sizes on CPU (fp32), to check the script, not the GPU.
@@ -230,6 +233,77 @@ def phase_align(args) -> None:
     })
 
 
+# -- large_batch ---------------------------------------------------------------------------------
+def phase_large_batch(args) -> None:
+    from accelerate import Accelerator
+
+    from mgll.data import RecordImageDataset, load_dataset
+    from mgll.encoder.accumulate import GradCache
+    from mgll.encoder.config import load_config
+    from mgll.encoder.trainer import build_model, build_optimizer, mixed_precision
+
+    smoke = args.cpu_smoke
+    data = load_dataset(_data(args.work, smoke))
+    micro, batch = (4, 16) if smoke else (args.micro_batch, args.large_batch)
+    acc = Accelerator(mixed_precision="no" if smoke else mixed_precision("bf16"), cpu=smoke)
+    cfg = load_config(overrides=[f"model.name={'mgll-tiny-vit' if smoke else 'ViT-B-16'}", "loss.name=mgll",
+                                 f"train.batch_size={batch}", f"train.accum_steps={batch // micro}"])
+    torch.manual_seed(0)
+    model, _, preprocess_val, _ = build_model(cfg, data.card.levels)
+    del model
+    images_ds = RecordImageDataset(data, split=None, transform=preprocess_val)
+    items = [images_ds[i] for i in range(min(len(images_ds), batch))]
+    reps = -(-batch // len(items))  # the synthetic set is smaller than 4096: its images repeat, labels with them
+    all_images = torch.stack([x[0] for x in items]).repeat(reps, 1, 1, 1)[:batch]  # on the device per row only
+    all_labels = ([x[1] for x in items] * reps)[:batch]
+    rows = {}
+    for name, n, k, steps, warmup in (("plain", micro, 1, 3 if smoke else 10, 1 if smoke else 3),
+                                      ("accum", batch, batch // micro, 2 if smoke else 3, 1)):
+        torch.manual_seed(0)
+        model, *_ = build_model(cfg, data.card.levels)
+        model.to(acc.device)
+        opt = build_optimizer(model, cfg)
+        model, opt = acc.prepare(model, opt)
+        core = acc.unwrap_model(model)
+        cache = GradCache(core, acc, k) if k > 1 else None
+        images, labels = all_images[:n].to(acc.device), all_labels[:n]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(warmup + steps):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if cache is None:
+                with acc.autocast():
+                    out = model(images, labels)
+                acc.backward(out["loss"])
+            else:
+                out = cache.forward(images, labels)
+                cache.backward()
+            acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        sec = statistics.median(times)
+        rows[name] = {"batch": n, "accum_steps": k, "micro_batch": n // k, "steps_timed": steps, "sec_per_step": round(sec, 4),
+                      "ms_per_sample": round(1000 * sec / n, 4), "img_per_s": round(n / sec, 1), "peak_gib": _peak_gib(),
+                      "final_loss": float(out["loss"].detach())}
+        del model, opt, core, cache, out, images
+        acc.free_memory()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    ratios = {"time_ratio": round(rows["accum"]["ms_per_sample"] / rows["plain"]["ms_per_sample"], 3)}
+    if rows["plain"]["peak_gib"]:
+        ratios["memory_ratio"] = round(rows["accum"]["peak_gib"] / rows["plain"]["peak_gib"], 3)
+    _write(args.work / "large_batch.json", {"model": cfg.model.name, "precision": "fp32" if smoke else "bf16",
+                                            "loss": "mgll", **rows, **ratios})
+
+
 # -- report --------------------------------------------------------------------------------------
 def phase_report(args) -> None:
     from mgll.io import atomic_write_text
@@ -237,6 +311,7 @@ def phase_report(args) -> None:
     speed = json.loads((args.work / "speed.json").read_text())
     zero2 = json.loads((args.work / "zero2.json").read_text())
     al = json.loads((args.work / "align.json").read_text())
+    lb = json.loads((args.work / "large_batch.json").read_text())
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     try:
         import deepspeed
@@ -276,6 +351,20 @@ def phase_report(args) -> None:
         f"consolidated checkpoints ({al['s_per_step_incl_load_and_save']} s/step), peak {al['peak_gib']} GiB; "
         f"build + swap {al['build_and_swap_s']} s; losses {[round(x, 4) for x in al['loss']]}; outputs: {', '.join(al['outputs'])}.",
         "",
+        f"## Large batch on one GPU: feature-cached accumulation ({lb['precision']} {lb['model']}, mgll loss, fixed in-memory batch)",
+        "",
+        "| row | global batch | micro-batch | s/step | ms/sample | img/s | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("plain", "accum"):
+        r = lb[name]
+        lines.append(f"| {name} | {r['batch']} | {r['micro_batch']} | {r['sec_per_step']} | {r['ms_per_sample']} | "
+                     f"{r['img_per_s']} | {r['peak_gib']} |")
+    lines += [
+        "",
+        f"memory ratio: {lb.get('memory_ratio', 'n/a (CPU)')}; time ratio: {lb['time_ratio']} (accumulated / plain, per sample; "
+        "targets 1.25 and 1.4, as benchmarks/results/large_batch.md on CPU).",
+        "",
     ]
     atomic_write_text(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
@@ -283,7 +372,7 @@ def phase_report(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["speed", "zero2", "align", "report"])
+    p.add_argument("phase", choices=["speed", "zero2", "align", "large_batch", "report"])
     p.add_argument("--work", type=Path, required=True, help="scratch folder shared by the phases")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.md")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: checks the script, not the GPU")
@@ -293,11 +382,15 @@ def main() -> None:
     p.add_argument("--lm-layers", type=int, default=int(os.environ.get("LM_LAYERS", "16")),
                    help="decoder layers of the 32 of Llama-7B (default 16, to fit the 8-minute budget)")
     p.add_argument("--align-batch", type=int, default=8)
+    p.add_argument("--large-batch", type=int, default=4096, help="effective batch of the large_batch phase")
+    p.add_argument("--micro-batch", type=int, default=256, help="its micro-batch, and the plain row's batch")
     args = p.parse_args()
     if not args.cpu_smoke and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device; use --cpu-smoke to check the script on CPU")
     args.work.mkdir(parents=True, exist_ok=True)
-    {"speed": phase_speed, "zero2": phase_zero2, "align": phase_align, "report": phase_report}[args.phase](args)
+    phases = {"speed": phase_speed, "zero2": phase_zero2, "align": phase_align, "large_batch": phase_large_batch,
+              "report": phase_report}
+    phases[args.phase](args)
 
 
 if __name__ == "__main__":

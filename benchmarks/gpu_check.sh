@@ -4,6 +4,7 @@
 #   2. `mgll train` under ZeRO-2 (configs/deepspeed/zero2.json) end to end on synthetic 224 px data
 #   3. `mgll swap` of that encoder into a LLaVA-shaped model at Llama-7B widths (LM_LAYERS of its 32 decoder
 #      layers, default 16; random weights) and one `mgll align` stage-2 (LoRA) run under ZeRO-3
+#   4. large_batch: bf16 ViT-B/16, effective batch 4096 as 16 micro-batches of 256 (train.accum_steps) vs plain 256
 # and writes benchmarks/results/gpu.md. `--cpu-smoke` runs the same phases at tiny sizes on CPU and writes
 # the report into the scratch folder instead (a check of the script, not GPU figures).
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
@@ -23,7 +24,7 @@ if [ "${1:-}" = "--cpu-smoke" ]; then
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 fi
 echo "gpu_check: scratch folder $WORK"
-for phase in speed zero2 align; do
+for phase in speed zero2 align large_batch; do
   echo "== $phase"
   "$PY" benchmarks/gpu_check.py "$phase" --work "$WORK" "${FLAGS[@]}"
 done

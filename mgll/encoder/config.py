@@ -48,6 +48,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 32  # global batch, split evenly over processes
+    accum_steps: int = 1  # micro-batches per process per step: feature-cached accumulation (accumulate.py), same loss
     steps: int = 200
     lr: float = 5e-4
     weight_decay: float = 0.1
@@ -152,9 +153,11 @@ def _validate(cfg: RunConfig, where: str) -> None:
         raise ValueError(f"{where}: data.check_images must be header, decode or off, got {cfg.data.check_images!r}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"{where}: train.precision must be auto, fp32, bf16 or fp16, got {t.precision!r}")
-    for name in ("batch_size", "steps", "save_every"):
+    for name in ("batch_size", "steps", "save_every", "accum_steps"):
         if int(getattr(t, name)) < 1:
             raise ValueError(f"{where}: train.{name} must be >= 1, got {getattr(t, name)!r}")
+    if t.batch_size % t.accum_steps:
+        raise ValueError(f"{where}: train.batch_size={t.batch_size} is not divisible by train.accum_steps={t.accum_steps}")
     if cfg.deepspeed is not None and not Path(cfg.deepspeed).is_file():
         raise ValueError(f"{where}: deepspeed: {cfg.deepspeed} is not a file (see configs/deepspeed/)")
     if t.warmup_steps < 0 or not (0 < t.lr < float("inf")):

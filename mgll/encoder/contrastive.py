@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mgll.encoder.batch_texts import build_batch_texts
+from mgll.encoder.batch_texts import BatchTexts, build_batch_texts
 from mgll.encoder.distributed import gather_objects, gather_rows_with_grad, rank_and_world
 from mgll.encoder.losses import DEFAULT_WEIGHTS, MGLLLoss, clip_loss, siglip_loss
 from mgll.encoder.text_encoding import encode_texts
@@ -82,6 +82,13 @@ class ContrastiveModel(nn.Module):
             for p in self.log_scale_parameters():
                 p.clamp_(0, math.log(max_scale))
 
+    def text_share(self, texts: list[str]) -> tuple[list[str], list[int]]:
+        """This rank's contiguous chunk of the distinct texts and every rank's chunk size."""
+        rank, world = rank_and_world()
+        chunk = math.ceil(len(texts) / world)
+        sizes = [max(0, min(chunk, len(texts) - r * chunk)) for r in range(world)]
+        return texts[rank * chunk : rank * chunk + sizes[rank]], sizes
+
     def encode_distinct_texts(self, texts: list[str], device: torch.device) -> torch.Tensor:
         """Features of the global batch's distinct texts, each encoded by exactly one rank.
 
@@ -89,30 +96,39 @@ class ContrastiveModel(nn.Module):
         first text and discards it, so every rank runs the text tower (DDP needs every
         parameter used on every rank).
         """
-        rank, world = rank_and_world()
+        _, world = rank_and_world()
         if world == 1:
             return encode_texts(self.encoder, self.tokenizer, texts, device, trim=self.trim_text)
-        chunk = math.ceil(len(texts) / world)
-        sizes = [max(0, min(chunk, len(texts) - r * chunk)) for r in range(world)]
-        mine = texts[rank * chunk : rank * chunk + sizes[rank]]
+        mine, sizes = self.text_share(texts)
         feats = encode_texts(self.encoder, self.tokenizer, mine or texts[:1], device, trim=self.trim_text)
         if not mine:
             feats = feats[:0] + 0.0 * feats.sum()  # keeps the tower in the graph, contributes nothing
         return gather_rows_with_grad(feats, sizes)
 
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encoder.encode_image(images), dim=-1)
+
+    def batch_texts(self, global_labels: Sequence[Mapping[str, Sequence[str]]]) -> BatchTexts:
+        """The distinct texts and targets of the global batch, as the loss needs them."""
+        return build_batch_texts(
+            global_labels, self.levels, captions=self.loss_name != "mgll", per_level=self.loss_name == "mgll"
+        )
+
     def forward(self, images: torch.Tensor, label_sets: Sequence[Mapping[str, Sequence[str]]]) -> dict:
         if images.shape[0] != len(label_sets):
             raise ValueError(f"{images.shape[0]} images but {len(label_sets)} label sets")
-        image_features = F.normalize(self.encoder.encode_image(images), dim=-1)
+        image_features = self.image_features(images)
         all_label_sets = gather_objects([dict(x) for x in label_sets])
         sizes = [len(x) for x in all_label_sets]
         global_labels = [x for part in all_label_sets for x in part]
         image_features = gather_rows_with_grad(image_features, sizes)
 
-        batch = build_batch_texts(
-            global_labels, self.levels, captions=self.loss_name != "mgll", per_level=self.loss_name == "mgll"
-        )
+        batch = self.batch_texts(global_labels)
         text_features = self.encode_distinct_texts(batch.texts, images.device)
+        return self.objective(image_features, text_features, batch)
+
+    def objective(self, image_features: torch.Tensor, text_features: torch.Tensor, batch: BatchTexts) -> dict:
+        """The loss terms from the global batch's features (rows in global order, texts as ``batch.texts``)."""
         scale = self.logit_scale()
         if self.loss_name == "clip":
             loss = clip_loss(image_features, text_features[batch.caption_index], scale)
@@ -121,5 +137,5 @@ class ContrastiveModel(nn.Module):
             loss = siglip_loss(image_features, text_features[batch.caption_index], scale, self.encoder.logit_bias)
             return {"loss": loss, "siglip": loss.detach()}
         level_text = [text_features[cols] for cols in batch.level_columns]
-        targets = [y.to(images.device) for y in batch.level_targets]
+        targets = [y.to(image_features.device) for y in batch.level_targets]
         return self.mgll(image_features, level_text, targets, scale)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from mgll.data import RecordImageDataset, collate_records, load_dataset
 from mgll.data.image_checks import preflight_images
 from mgll.data.records import RecordError
+from mgll.encoder.accumulate import GradCache, check_accum_steps
 from mgll.encoder.checkpoint import (
     checkpoint_rng,
     load_checkpoint,
@@ -238,6 +239,7 @@ def train(
     stage = zero_stage(accelerator)  # None without DeepSpeed
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} processes")
+    check_accum_steps(cfg.train.batch_size, cfg.train.accum_steps, world)
     set_seed(cfg.train.seed)
     if accelerator.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -293,6 +295,9 @@ def train(
             for key, old, new in changes:
                 print(f"--allow-config-change: {key} {old!r} -> {new!r} from step {start_step} (recorded in {run_dir / CHANGES_FILE})")
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    accum = None  # train.accum_steps > 1: one step over micro-batches with cached features (accumulate.py)
+    if cfg.train.accum_steps > 1:
+        accum = GradCache(core, accelerator, cfg.train.accum_steps, engine=model if stage is not None else None)
     # DeepSpeed casts the model itself under bf16/fp16 (accelerate's autocast is off there): match its inputs
     input_dtype = next(core.parameters()).dtype if stage is not None else None
 
@@ -321,12 +326,15 @@ def train(
             break
         batch_images = batch_images.to(accelerator.device, dtype=input_dtype, non_blocking=True)
         with accelerator.autocast():
-            out = model(batch_images, label_sets)
+            out = model(batch_images, label_sets) if accum is None else accum.forward(batch_images, label_sets)
         terms = {k: float(v.detach()) for k, v in out.items()}
         bad = FiniteGuard.bad_terms(terms)
         ok = all_ranks_agree(not bad, accelerator.device)
         if ok:
-            accelerator.backward(out["loss"])  # under DeepSpeed this also clips and steps the optimizer
+            if accum is None:
+                accelerator.backward(out["loss"])  # under DeepSpeed this also clips and steps the optimizer
+            else:
+                accum.backward()  # pass 2 of the feature cache; the same under DeepSpeed
             grad_norm = _grad_norm(accelerator, model, cfg, stage)
             bad = FiniteGuard.bad_terms({}, grad_norm)
             ok = all_ranks_agree(not bad, accelerator.device)
