@@ -264,3 +264,6 @@ def test_bad_input_one_line_exit_2_and_no_silent_overwrite(banks, tmp_path, caps
     assert not any((tmp_path / d).exists() for d in ("t2", "t3", "t4", "i1", "i2", "i3", "i4"))
     _export(bank_file, "--format", "lmms-eval", tmp_path / "task", "--overwrite", "--max-new-tokens", "4")
     assert "max_new_tokens: 4" in (tmp_path / "task" / "mgll_fundus_mcq.yaml").read_text()
+    from mgll.mllm_eval import cli, lmms_eval_export
+
+    assert cli.DEFAULT_TASK == lmms_eval_export.DEFAULT_TASK  # the CLI keeps a copy to stay free of torch
