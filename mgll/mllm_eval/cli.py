@@ -1,4 +1,4 @@
-"""``mgll mcq build|run|compare``; wired into ``mgll/cli.py`` with ``register(sub)``."""
+"""``mgll mcq build|run|compare|export|import``; wired into ``mgll/cli.py`` with ``register(sub)``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,45 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "lmms-eval":
+        from mgll.mllm_eval.lmms_eval_export import export_lmms_eval
+
+        if args.name:
+            raise ValueError("--name is the VLMEvalKit dataset name; for lmms-eval use --task-name")
+        info = export_lmms_eval(args.bank, args.out, data_root=args.data, task=args.task_name,
+                                max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
+        print(f"wrote lmms-eval task {info['task']!r} ({info['n_questions']} questions, {info['n_docs']} prompts) to {info['out']}")
+        print(f"run: lmms-eval --include_path {info['out']} --tasks {info['task']} --model llava_hf "
+              "--model_args pretrained=MODEL_DIR --log_samples --output_path logs")
+    else:
+        from mgll.mllm_eval.vlmevalkit_export import export_vlmevalkit
+
+        if args.task_name != DEFAULT_TASK:
+            raise ValueError("--task-name is the lmms-eval task name; for VLMEvalKit use --name")
+        info = export_vlmevalkit(args.bank, args.out, data_root=args.data, name=args.name, overwrite=args.overwrite)
+        print(f"wrote VLMEvalKit dataset {info['dataset']!r} ({info['n_questions']} questions, {info['n_rows']} rows) "
+              f"to {info['tsv']}")
+        print(f"run: LMUData={Path(info['tsv']).parent} python run.py --data {info['dataset']} --model MODEL")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from mgll.mllm_eval.import_predictions import import_predictions
+    from mgll.mllm_eval.report import compare_table
+
+    res = import_predictions(args.predictions, args.bank, args.out, fmt=args.format, label=args.label,
+                             overwrite=args.overwrite)
+    print(compare_table([res]), end="")
+    print(f"imported {res['run']['imported']} answers ({res['run']['host']}); {len(res['failures'])} extraction "
+          f"failures, {len(res['unanswered'])} questions unanswered")
+    print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}")
+    return 0
+
+
+DEFAULT_TASK = "mgll_fundus_mcq"  # mgll.mllm_eval.lmms_eval_export.DEFAULT_TASK, without importing it here
+
+
 def register(sub) -> None:
     from mgll.mllm_eval.scoring import MODES
 
@@ -106,3 +145,27 @@ def register(sub) -> None:
                    help="replicates of the paired bootstrap over questions behind each delta's 95%% CI (0 = none)")
     c.add_argument("--seed", type=int, default=0, help="seed of that bootstrap")
     c.set_defaults(func=_cmd_compare)
+
+    e = mcq.add_parser("export", help="the bank as an lmms-eval task folder or a VLMEvalKit MCQ TSV")
+    e.add_argument("bank", help="question bank written by `mgll mcq build`")
+    e.add_argument("--format", required=True, choices=["lmms-eval", "vlmevalkit"])
+    e.add_argument("out", help="lmms-eval: task folder (for --include_path); vlmevalkit: NAME.tsv, or a folder "
+                               "($LMUData) to hold it")
+    e.add_argument("--data", default=None, help="dataset folder, if it moved since the bank was built")
+    e.add_argument("--task-name", default=DEFAULT_TASK, help="lmms-eval task name (--tasks)")
+    e.add_argument("--name", default=None, help="VLMEvalKit dataset name (--data) when OUT is a folder "
+                                                "(default MGLL_FundusMCQ, + _circular for a circular bank)")
+    e.add_argument("--max-new-tokens", type=int, default=16, help="lmms-eval generation length (as `mcq run`)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    e.set_defaults(func=_cmd_export)
+
+    i = mcq.add_parser("import", help="lmms-eval samples (.jsonl) or VLMEvalKit predictions (.xlsx/.tsv) as a run "
+                                      "folder for `mgll mcq compare`")
+    i.add_argument("predictions", help="lmms-eval *_samples_TASK.jsonl (--log_samples) or VLMEvalKit MODEL_NAME.xlsx/.tsv")
+    i.add_argument("--bank", required=True, help="the question bank the task/TSV was exported from")
+    i.add_argument("--out", required=True, help="run folder: answers.jsonl, results.json, results.md")
+    i.add_argument("--format", choices=["auto", "lmms-eval", "vlmevalkit"], default="auto",
+                   help="auto: .jsonl is lmms-eval, .xlsx/.tsv/.csv VLMEvalKit")
+    i.add_argument("--label", default=None, help="row label in tables (default: the --out folder name)")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    i.set_defaults(func=_cmd_import)

@@ -3,6 +3,10 @@
 A letter stated as the answer wins over option text (models often restate the letter then
 ramble); option text counts only when exactly one option (or one of its vocabulary synonyms)
 is named. Anything else is a failure: counted wrong and listed, never guessed.
+
+This file imports only the standard library at module level: ``mgll mcq export --format lmms-eval``
+copies it verbatim into the task folder (with each option's names precomputed by
+:func:`option_names`), so lmms-eval scores answers with this very cascade, mgll installed or not.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Extraction", "extract_answer"]
+__all__ = ["Extraction", "extract_answer", "option_names"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ def _norm(s: str) -> str:
     return " ".join(s.split())
 
 
-def _synonyms(option: str) -> list[str]:
+def option_names(option: str) -> list[str]:
     """The option's canonical name plus its harmonised-vocabulary synonyms (``AMD``, ``tessellated fundus``)."""
     names = {_norm(option)}
     try:
@@ -44,7 +48,12 @@ def _synonyms(option: str) -> list[str]:
     return sorted(n for n in names if len(n) >= 2)
 
 
-def extract_answer(text: str, options: list[str] | tuple[str, ...], letters: str | None = None) -> Extraction:
+def extract_answer(text: str, options: list[str] | tuple[str, ...], letters: str | None = None,
+                   names: list[list[str]] | None = None) -> Extraction:
+    """Which option ``text`` picks. ``names``: each option's :func:`option_names`, when computed
+    beforehand (an exported task has no vocabulary to read them from)."""
+    if names is None:
+        names = [option_names(opt) for opt in options]
     letters = letters or "ABCDEFGHIJ"[: len(options)]
     valid = letters[: len(options)]
     s = re.sub(r"[*`]", "", text or "").strip()  # markdown emphasis: "**B**"
@@ -74,7 +83,7 @@ def extract_answer(text: str, options: list[str] | tuple[str, ...], letters: str
         return pick(found.pop(), "paren_letter")
     # 5. exactly one option named (by its text or a vocabulary synonym), whole words only
     norm = f" {_norm(s)} "
-    hits = [i for i, opt in enumerate(options) if any(f" {n} " in norm for n in _synonyms(opt))]
+    hits = [i for i in range(len(options)) if any(f" {n} " in norm for n in names[i])]
     if len(hits) == 1:
         return Extraction(hits[0], "text")
     return Extraction(None, "ambiguous" if hits else "none")

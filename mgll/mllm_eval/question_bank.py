@@ -25,10 +25,12 @@ from mgll.io import atomic_path
 __all__ = [
     "BANK_VERSION",
     "QUESTION",
+    "INSTRUCTION",
     "LETTERS",
     "Question",
     "Variant",
     "QuestionBank",
+    "format_question",
     "canonical_disease",
     "build_bank",
     "write_bank",
@@ -37,7 +39,18 @@ __all__ = [
 
 BANK_VERSION = 1
 QUESTION = "Which of the following diseases is shown in this fundus image?"
+INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGHIJ"
+
+
+def format_question(question: str, options: tuple[str, ...] | list[str]) -> str:
+    """The user-turn text every harness asks: question, lettered options, instruction.
+
+    It lives with the bank (not the scorer) so the lmms-eval / VLMEvalKit exports can write the
+    exact text ``mgll mcq run`` asks without importing torch or a model host.
+    """
+    lines = [question, *(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options)), INSTRUCTION]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,18 @@ from mgll.adapters.hosts import get_host
 from mgll.data.pixel_budget import load_rgb
 from mgll.io import atomic_write_json
 from mgll.mllm_eval.extract import extract_answer
-from mgll.mllm_eval.question_bank import LETTERS, QuestionBank, Variant, load_bank
+from mgll.mllm_eval.question_bank import (
+    INSTRUCTION,
+    LETTERS,
+    QuestionBank,
+    Variant,
+    format_question,
+    load_bank,
+)
 
 __all__ = [
     "MODES",
+    "INSTRUCTION",
     "format_question",
     "build_prompt",
     "option_text",
@@ -47,7 +55,6 @@ __all__ = [
 MODES = ("loglik", "generate")
 ANSWERS_FILE = "answers.jsonl"
 RUN_FILE = "run.json"
-INSTRUCTION = "Answer with the option's letter from the given choices directly."
 # hosts whose top-level forward always re-encodes the image: continue through their LM instead
 _CONTINUE_VIA_LM = {"instructblip"}
 # per-token inputs beyond input_ids, and the value an appended text token takes in each
@@ -55,11 +62,6 @@ _TOKEN_ALIGNED = {"attention_mask": 1, "token_type_ids": 0, "mm_token_type_ids":
 
 
 # -- prompts ---------------------------------------------------------------------------------------
-def format_question(question: str, options: tuple[str, ...] | list[str]) -> str:
-    lines = [question, *(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options)), INSTRUCTION]
-    return "\n".join(lines)
-
-
 def option_text(index: int, option: str) -> str:
     """What is scored in ``loglik`` mode: the letter and the disease, as a model would answer."""
     return f"{LETTERS[index]}. {option}"
