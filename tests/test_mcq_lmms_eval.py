@@ -12,7 +12,8 @@ Two things the folder and the command line need, both true of real checkpoints a
 - a chat template on the processor: llava_hf renders the prompt with ``processor.apply_chat_template``
   and mgll uses the processor's template when it has one (llava-hf checkpoints ship one; the tiny
   model gets LLaVA-1.5's, minus its generation markers);
-- ``device=cpu,device_map=cpu``: llava_hf's default ``device_map=""`` is refused by transformers 5.
+- ``device=cpu,device_map=cpu``: llava_hf's default ``device_map=""`` is refused by transformers 5;
+- ``trust_remote_code=True``: the swapped processor's image processor (the encoder's own view) is the folder's code.
 
 The random tiny model (seed 0) names "cataract" in most answers, so a question whose answer is
 cataract is right in every rotation and the others are not: the accuracies differ by disease, and
@@ -71,7 +72,7 @@ def test_lmms_eval_llava_hf_equals_mcq_run_generate(tmp_path, lmms_python, one_t
     model = tmp_path / "swapped"
     assert main(["swap", "--host", "llava", "--mllm", str(tmp_path / "llava"), "--encoder", str(tmp_path / "enc"),
                  "--out", str(model)]) == 0
-    processor = AutoProcessor.from_pretrained(model)
+    processor = AutoProcessor.from_pretrained(model, trust_remote_code=True)  # the encoder's view is the folder's code
     processor.chat_template = LLAVA_15_TEMPLATE
     processor.save_pretrained(model)
 
@@ -86,7 +87,7 @@ def test_lmms_eval_llava_hf_equals_mcq_run_generate(tmp_path, lmms_python, one_t
     no_mgll = subprocess.run([str(lmms_python), "-c", "import mgll.mllm_eval"], cwd=tmp_path, env=env, capture_output=True)
     assert no_mgll.returncode != 0  # the task folder has to stand on its own
     cmd = [str(lmms_python), "-m", "lmms_eval", "--model", "llava_hf",
-           "--model_args", f"pretrained={model},device=cpu,device_map=cpu,dtype=float32",
+           "--model_args", f"pretrained={model},device=cpu,device_map=cpu,dtype=float32,trust_remote_code=True",
            "--include_path", str(tmp_path / "task"), "--tasks", "mgll_fundus_mcq", "--batch_size", "1",
            "--output_path", str(tmp_path / "logs"), "--log_samples"]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mgll.adapters.hosts import get_host
+from mgll.adapters.prompts import build_prompt, encode_prefix  # one prompt layout for alignment and inference
 from mgll.data.pixel_budget import load_rgb
 from mgll.io import atomic_write_json
 from mgll.mllm_eval.extract import extract_answer
@@ -65,37 +66,6 @@ _TOKEN_ALIGNED = {"attention_mask": 1, "token_type_ids": 0, "mm_token_type_ids":
 def option_text(index: int, option: str) -> str:
     """What is scored in ``loglik`` mode: the letter and the disease, as a model would answer."""
     return f"{LETTERS[index]}. {option}"
-
-
-def build_prompt(host: str, processor: Any, text: str) -> str:
-    """The processor's chat template (image + text user turn, generation prompt) when it has one.
-
-    Without one, a plain template per family: LLaVA's ``USER: <image>\\n... ASSISTANT:``,
-    Qwen2-VL's vision markers, and InstructBLIP's bare text (its processor adds the query tokens).
-    """
-    template = getattr(processor, "chat_template", None)
-    if template:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    image_token = getattr(processor, "image_token", None) or "<image>"
-    if host == "instructblip":
-        return f"{text}\nAnswer:"
-    if host == "medflamingo":  # OpenFlamingo's few-shot VQA format
-        return f"{image_token}Question: {text} Answer:"
-    if host == "qwen2_vl":
-        return f"{image_token}\n{text}\nAnswer:"
-    return f"USER: {image_token}\n{text}\nASSISTANT:"
-
-
-def encode_prefix(processor: Any, prompt: str, image: Image.Image, device: torch.device | str, dtype: torch.dtype) -> dict:
-    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
-    out = {}
-    for k, v in inputs.items():
-        if not torch.is_tensor(v):
-            continue
-        v = v.to(device)
-        out[k] = v.to(dtype) if v.is_floating_point() else v
-    return out
 
 
 def _option_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
