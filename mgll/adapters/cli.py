@@ -80,6 +80,15 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_aligned(args: argparse.Namespace) -> int:
+    from mgll.adapters.export_aligned import export_aligned
+
+    out = export_aligned(args.model, args.align, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}: {args.model} with the run in {args.align} (LoRA merged); loads with "
+          f"AutoModelForImageTextToText / AutoProcessor (trust_remote_code=True) or mgll's load_swapped")
+    return 0
+
+
 def _cmd_convert_llava(args: argparse.Namespace) -> int:
     from mgll.adapters.convert_llava import convert_llava
 
@@ -119,6 +128,13 @@ def register(sub) -> None:
                    help="crop (default): the encoder's own eval transform; pad: LLaVA-1.5 / LLaVA-Med's pad-to-square with the mean colour first")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (atomically, once the new one is complete)")
     p.set_defaults(func=_cmd_swap)
+
+    p = sub.add_parser("export-aligned", help="an alignment run as a stand-alone model folder (LoRA merged), loadable without mgll")
+    p.add_argument("--model", required=True, help="the folder written by `mgll swap` that the run aligned")
+    p.add_argument("--align", required=True, help="the `mgll align --out` folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (atomically, once the new one is complete)")
+    p.set_defaults(func=_cmd_export_aligned)
 
     p = sub.add_parser("align", help="stage 1: train the projector; stage 2: + LoRA / QLoRA on the LM")
     p.add_argument("--model", required=True, help="folder written by `mgll swap`")
