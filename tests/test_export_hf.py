@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +12,10 @@ from transformers import CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWit
 
 from mgll.adapters.cli import register
 from mgll.adapters.export_hf import clip_vision_config, to_hf_clip_vision
-from mgll.adapters.vision_tower import OpenClipVisionTower
 from mgll.encoder.factory import create_encoder, save_encoder
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from open_clip_tower import OpenClipVisionTower  # noqa: E402  (open_clip's own layer outputs: the reference)
 
 
 def _parse(argv):

@@ -10,11 +10,11 @@ from transformers import AutoProcessor, InstructBlipForConditionalGeneration
 from mgll.adapters.hosts import ShapeMismatch, get_host, list_hosts
 from mgll.adapters.swap import swap_model
 from mgll.adapters.tiny import make_tiny_instructblip
-from mgll.adapters.vision_tower import OpenClipVisionTower
 from mgll.encoder.factory import create_encoder
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import host_checks as hc  # noqa: E402
+from open_clip_tower import OpenClipVisionTower  # noqa: E402  (open_clip's own layer outputs: the reference)
 
 torch.set_num_threads(1)
 

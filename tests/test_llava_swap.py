@@ -10,11 +10,11 @@ from transformers import LlavaForConditionalGeneration
 from mgll.adapters.hosts import get_host, list_hosts
 from mgll.adapters.swap import swap_model
 from mgll.adapters.tiny import make_tiny_llava
-from mgll.adapters.vision_tower import OpenClipVisionTower
 from mgll.encoder.factory import create_encoder
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import host_checks as hc  # noqa: E402
+from open_clip_tower import OpenClipVisionTower  # noqa: E402  (open_clip's own layer outputs: the reference)
 
 WORDS = ["status: abnormal. disease: drusen, cataract, glaucoma. status: normal. describe the image"]
 

@@ -1,12 +1,17 @@
 """The open_clip tower adapter returns the layer LLaVA selects, with the encoder's own preprocessing."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mgll.adapters.vision_tower import OpenClipVisionTower
 from mgll.encoder.factory import create_encoder
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from open_clip_tower import OpenClipVisionTower  # noqa: E402  (open_clip's own layer outputs: the reference)
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from mgll.adapters.vision_tower import _visual_of, build_image_processor, preprocess_cfg_of
+from mgll.adapters.preprocess import build_image_processor, preprocess_cfg_of
 from mgll.io import atomic_path, atomic_write_json
 
 __all__ = ["clip_vision_config", "convert_state_dict", "to_hf_clip_vision", "export_hf", "EXPORT_SPEC"]
@@ -50,6 +50,18 @@ def _activation(visual: nn.Module) -> str:
     if isinstance(act, nn.GELU):
         return "gelu_pytorch_tanh" if act.approximate == "tanh" else "gelu"
     raise ValueError(f"MLP activation {type(act).__name__} has no transformers equivalent")
+
+
+def _visual_of(model: nn.Module) -> VisionTransformer:
+    visual = getattr(model, "visual", model)
+    if not isinstance(visual, VisionTransformer):
+        raise TypeError(
+            f"vision tower must be an open_clip VisionTransformer (ViT); got {type(visual).__name__} "
+            "(timm / ModifiedResNet towers have no per-layer token grid to select from)"
+        )
+    if visual.attn_pool is not None:
+        raise TypeError("open_clip ViTs with attentional pooling (CoCa) are not supported as LLaVA towers")
+    return visual
 
 
 def clip_vision_config(model: nn.Module):

@@ -168,7 +168,7 @@ class EncoderView:
 
     def _crop_box(self, w: int, h: int) -> tuple[int, int, int, int]:
         """The region the encoder sees: open_clip resizes the shortest side and centre-crops (unless it squashes)."""
-        from mgll.adapters.vision_tower import preprocess_cfg_of
+        from mgll.adapters.preprocess import preprocess_cfg_of
 
         cfg = preprocess_cfg_of(self.model)
         if cfg.get("resize_mode", "shortest") == "squash":

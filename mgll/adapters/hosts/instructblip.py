@@ -151,7 +151,7 @@ class InstructBlipHost(Host):
         """An ``InstructBlipProcessor`` whose images become the encoder's square view at its normalisation."""
         from transformers import InstructBlipProcessor
 
-        from mgll.adapters.vision_tower import mgll_image_processor, preprocess_cfg_of
+        from mgll.adapters.preprocess import mgll_image_processor, preprocess_cfg_of
 
         if processor is None or getattr(processor, "qformer_tokenizer", None) is None:
             raise ValueError("the InstructBLIP folder has no processor with a qformer_tokenizer; cannot build the prompts")

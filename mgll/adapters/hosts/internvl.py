@@ -172,7 +172,7 @@ class InternVLHost(Host):
         """An ``InternVLProcessor`` tiling at the MGLL image size; the thumbnail (or single tile) is the encoder's view."""
         from transformers import InternVLProcessor, InternVLVideoProcessor
 
-        from mgll.adapters.vision_tower import mgll_image_processor, norm_kwargs, preprocess_cfg_of
+        from mgll.adapters.preprocess import mgll_image_processor, norm_kwargs, preprocess_cfg_of
 
         tokenizer = resolve_tokenizer(processor, tokenizer)
         old = getattr(processor, "image_processor", None)

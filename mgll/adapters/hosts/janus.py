@@ -160,7 +160,7 @@ class JanusHost(Host):
         """A ``JanusProcessor`` whose images become the encoder's square view (not padded), with the MGLL grid's token count."""
         from transformers import JanusProcessor
 
-        from mgll.adapters.vision_tower import mgll_image_processor, preprocess_cfg_of
+        from mgll.adapters.preprocess import mgll_image_processor, preprocess_cfg_of
 
         tokenizer = resolve_tokenizer(processor, tokenizer)
         v = self._visual(model)

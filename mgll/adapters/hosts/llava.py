@@ -26,7 +26,7 @@ from mgll.adapters.hosts.base import (
     vit_spec,
     zero_init_last,
 )
-from mgll.adapters.vision_tower import (
+from mgll.adapters.preprocess import (
     mgll_image_processor,
     preprocess_cfg_of,
 )

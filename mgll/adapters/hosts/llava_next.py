@@ -126,7 +126,7 @@ class LlavaNextHost(LlavaHost):
 
     def _image_processor(self, model: nn.Module, encoder: nn.Module, view: str) -> Any:
         """anyres tiles as LLaVA-NeXT makes them, at the MGLL image size; the base view is the encoder's (not a squash)."""
-        from mgll.adapters.vision_tower import mgll_image_processor, preprocess_cfg_of
+        from mgll.adapters.preprocess import mgll_image_processor, preprocess_cfg_of
 
         s = int(model.config.vision_config.image_size)
         return mgll_image_processor(

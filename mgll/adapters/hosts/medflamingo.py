@@ -160,7 +160,7 @@ class MedFlamingoHost(Host):
     def source_processor(self, model: nn.Module, tokenizer: Any) -> Any:
         """The unswapped model's processor (``mgll mcq`` / ``mgll demo`` base): its own open_clip ViT's preprocessing."""
         from mgll.adapters.flamingo_processor import processor_class
-        from mgll.adapters.vision_tower import build_image_processor, preprocess_cfg_of
+        from mgll.adapters.preprocess import build_image_processor, preprocess_cfg_of
 
         return processor_class()(image_processor=build_image_processor(preprocess_cfg_of(model.vision_encoder)), tokenizer=tokenizer)
 
@@ -169,7 +169,7 @@ class MedFlamingoHost(Host):
         if view != "crop":
             raise ValueError(f"image view {view!r}: the medflamingo host uses the encoder's own open_clip transform (crop) only")
         from mgll.adapters.flamingo_processor import EOC_TOKEN, MEDIA_TOKEN, processor_class
-        from mgll.adapters.vision_tower import build_image_processor, preprocess_cfg_of
+        from mgll.adapters.preprocess import build_image_processor, preprocess_cfg_of
 
         tokenizer = resolve_tokenizer(processor, tokenizer, "the Flamingo folder has no tokenizer; cannot build the prompts")
         m = self._model(model)

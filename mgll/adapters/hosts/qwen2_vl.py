@@ -158,7 +158,7 @@ class Qwen2VLHost(Host):
         """A ``Qwen2VLProcessor`` whose images become the encoder's square view, one MGLL grid each, at its normalisation."""
         from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-        from mgll.adapters.vision_tower import mgll_image_processor, norm_kwargs, preprocess_cfg_of
+        from mgll.adapters.preprocess import mgll_image_processor, norm_kwargs, preprocess_cfg_of
 
         tokenizer = resolve_tokenizer(processor, tokenizer)
         v = self._visual(model)
