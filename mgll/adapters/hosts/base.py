@@ -42,11 +42,6 @@ def mgll_part(model: nn.Module, path: str, cls: type) -> nn.Module:
     return part
 
 
-def check_projector_init(projector_init: str) -> None:
-    if projector_init not in PROJECTOR_INITS:
-        raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(PROJECTOR_INITS)}")
-
-
 def zero_init_last(linear: nn.Linear, embeddings: torch.Tensor) -> None:
     """Last projector layer zero, bias = mean input embedding: image tokens start as an 'average word'.
 
@@ -141,13 +136,26 @@ class Host:
     source_class_name: str = ""  # the class of the MLLM before the swap, when it differs from model_class_name
     tower_path: str = ""
     source_tower_path: str = ""  # where the stock tower sits before the swap, when it differs from tower_path
+    remote_name: str = ""  # module of mgll.adapters.remote holding the swapped class (remote-code layout), if any
+    default_select_layer: int = -2  # hidden-state index the MGLL tower hands on, where the host does not configure it
+    projector_inits: tuple[str, ...] = PROJECTOR_INITS
     projector_path: str = ""
     language_model_path: str = ""
     lm_head_path: str = "lm_head"
     lora_leaf_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     # -- where things are ----------------------------------------------------------------------
+    def remote(self):
+        """The :mod:`mgll.adapters.remote` module whose class the swapped folder saves (imported on first use,
+        so that ``mgll --help`` does not import model code)."""
+        if not self.remote_name:
+            raise TypeError(f"host {self.name!r} saves its stock class; it has no remote-code module")
+        return remote_module(self.remote_name, self.model_class_name)
+
     def model_class(self):
+        """The class of the swapped model: the remote-code subclass where the host has one, else the stock class."""
+        if self.remote_name:
+            return getattr(self.remote(), self.model_class_name)
         import transformers
 
         return getattr(transformers, self.model_class_name)
@@ -229,8 +237,46 @@ class Host:
     def check_fit(self, model: nn.Module) -> None:
         raise NotImplementedError
 
-    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
+    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default",
+                      select_layer: int | None = None) -> nn.Module:
+        """The one tower-replacement path: check, export the ViT, put it and the projector in, re-class, check the fit.
+
+        ``put_tower`` is the host's part (where the tower goes, which config fields describe it, the
+        projector at its width). Hosts with a remote-code class then become that class in place.
+        """
+        from mgll.adapters.export_hf import to_hf_clip_vision
+
+        if projector_init not in self.projector_inits:
+            if len(self.projector_inits) == 1:
+                raise ValueError(f"projector_init={projector_init!r}: the {self.name} host supports {self.projector_inits[0]!r} only")
+            raise ValueError(f"projector_init={projector_init!r}: expected one of {', '.join(self.projector_inits)}")
+        stock = self.source_class()
+        if not isinstance(model, stock):
+            raise TypeError(f"{self.name} host needs a {stock.__name__}, got {type(model).__name__}")
+        ref = model.get_input_embeddings().weight
+        hf_vit = to_hf_clip_vision(encoder, with_projection=False)
+        layer = self.default_select_layer if select_layer is None else int(select_layer)
+        self.put_tower(model, hf_vit, layer, projector_init, ref)
+        if self.remote_name:
+            become_swapped(model, self.model_class())
+        self.after_swap(model)
+        self.check_fit(model)
+        return model
+
+    def put_tower(self, model: nn.Module, hf_vit: nn.Module, select_layer: int, projector_init: str, ref: torch.Tensor) -> None:
+        """Host part of :meth:`replace_tower`: ``hf_vit`` (the MGLL ViT as a ``CLIPVisionModel``) and the projector in place;
+        new modules take ``ref``'s device and dtype (the input embeddings), ``zero`` projectors its mean."""
         raise NotImplementedError
+
+    def after_swap(self, model: nn.Module) -> None:
+        """Counts that follow from the new tower (``image_seq_length``); called after re-classing."""
+
+    def remote_tower(self, model: nn.Module, hf_vit: nn.Module, spec: dict[str, Any], ref: torch.Tensor) -> nn.Module:
+        """The MGLL tower the saved remote class rebuilds from ``config.mgll_tower`` (= ``spec``), holding ``hf_vit``'s weights."""
+        model.config.mgll_tower = spec
+        tower = self.remote().build_tower(model.config, spec)
+        tower.vit.load_state_dict(hf_vit.state_dict())
+        return tower.to(device=ref.device, dtype=ref.dtype)
 
     def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
         """The host's processor for the swapped model: the MGLL grid, and the encoder's pixels (``view``:

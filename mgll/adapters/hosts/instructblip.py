@@ -30,37 +30,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
     Host,
     ShapeMismatch,
-    become_swapped,
     check_layer_index,
     mgll_part,
-    remote_module,
     vit_spec,
 )
 
-__all__ = ["InstructBlipHost", "swapped_class"]
+__all__ = ["InstructBlipHost"]
 
 DEFAULT_SELECT_LAYER = -2
 
 
-def remote():
-    """The remote-code module (imported on first use, so that ``mgll --help`` does not import the model code)."""
-    return remote_module("mgll_instructblip", "MgllInstructBlipForConditionalGeneration")
-
-
-def swapped_class():
-    """``MgllInstructBlipForConditionalGeneration`` (:mod:`mgll.adapters.remote.mgll_instructblip`)."""
-    return remote().MgllInstructBlipForConditionalGeneration
-
-
 def __getattr__(name: str):
     if name in ("MgllInstructBlipForConditionalGeneration", "MgllBlipVisionTower"):  # old import paths
-        return getattr(remote(), name)
+        return getattr(InstructBlipHost().remote(), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -68,14 +57,12 @@ def __getattr__(name: str):
 class InstructBlipHost(Host):
     model_class_name = "MgllInstructBlipForConditionalGeneration"
     source_class_name = "InstructBlipForConditionalGeneration"
+    remote_name = "mgll_instructblip"
     tower_path = "vision_model.vit"
     source_tower_path = "vision_model"
     projector_path = "vision_model.bridge"
     language_model_path = "language_model"
     lm_head_path = "language_model.lm_head"
-
-    def model_class(self):
-        return swapped_class()
 
     def projector(self, model: nn.Module) -> nn.Module:
         """Bridge + language projection as one module (a view: saving/loading it writes through to both)."""
@@ -85,7 +72,7 @@ class InstructBlipHost(Host):
         return [*super().trainable_paths(stage, train_tower), "language_projection"]
 
     def _visual(self, model: nn.Module):
-        return mgll_part(model, "vision_model", remote().MgllBlipVisionTower)
+        return mgll_part(model, "vision_model", self.remote().MgllBlipVisionTower)
 
     def unquantised_modules(self) -> list[str]:
         """The Q-Former and the language projection are not the LM: they stay in float too."""
@@ -123,29 +110,12 @@ class InstructBlipHost(Host):
         }
 
     # -- swap ----------------------------------------------------------------------------------
-    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default",
-                      select_layer: int = DEFAULT_SELECT_LAYER) -> nn.Module:
+    default_select_layer = DEFAULT_SELECT_LAYER
+    projector_inits = ("default",)  # the new module is the bridge into the pretrained Q-Former; the LM-side projection is kept
+
+    def put_tower(self, model: nn.Module, hf_vit: nn.Module, select_layer: int, projector_init: str, ref: torch.Tensor) -> None:
         """MGLL ViT + fresh bridge in place of ``vision_model``; the Q-Former and everything after it are kept."""
-        from mgll.adapters.export_hf import to_hf_clip_vision
-
-        if projector_init != "default":
-            raise ValueError(
-                f"projector_init={projector_init!r}: the instructblip host supports 'default' only "
-                "(its new module is the bridge into the pretrained Q-Former; the LM-side projection is kept)"
-            )
-        from transformers import InstructBlipForConditionalGeneration
-
-        if not isinstance(model, InstructBlipForConditionalGeneration):
-            raise TypeError(f"instructblip host needs an InstructBlipForConditionalGeneration, got {type(model).__name__}")
-        ref = model.language_projection.weight
-        hf_vit = to_hf_clip_vision(encoder, with_projection=False)
-        model.config.mgll_tower = {"clip_vision_config": hf_vit.config.to_dict(), "select_layer": int(select_layer)}
-        visual = remote().build_tower(model.config, model.config.mgll_tower)
-        visual.vit.load_state_dict(hf_vit.state_dict())
-        model.vision_model = visual.to(device=ref.device, dtype=ref.dtype)
-        become_swapped(model, swapped_class())
-        self.check_fit(model)
-        return model
+        model.vision_model = self.remote_tower(model, hf_vit, {"clip_vision_config": hf_vit.config.to_dict(), "select_layer": select_layer}, ref)
 
     def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
         """An ``InstructBlipProcessor`` whose images become the encoder's square view at its normalisation."""

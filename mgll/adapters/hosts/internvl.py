@@ -21,25 +21,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
     Host,
     ShapeMismatch,
-    become_swapped,
     chat_template_of,
     check_layer_index,
-    check_projector_init,
     feature_layers,
     mgll_part,
-    remote_module,
     resolve_tokenizer,
     vit_spec,
     zero_init_last,
 )
 
-__all__ = ["InternVLHost", "swapped_class"]
+__all__ = ["InternVLHost"]
 
 
 def _shuffle_scale(config) -> int:
@@ -50,19 +48,9 @@ def _shuffle_scale(config) -> int:
     return scale
 
 
-def remote():
-    """The remote-code module (imported on first use, so that ``mgll --help`` does not import the model code)."""
-    return remote_module("mgll_internvl", "MgllInternVLForConditionalGeneration")
-
-
-def swapped_class():
-    """``MgllInternVLForConditionalGeneration`` (:mod:`mgll.adapters.remote.mgll_internvl`)."""
-    return remote().MgllInternVLForConditionalGeneration
-
-
 def __getattr__(name: str):
     if name == "MgllInternVLForConditionalGeneration":  # old import path
-        return swapped_class()
+        return InternVLHost().model_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -70,13 +58,11 @@ def __getattr__(name: str):
 class InternVLHost(Host):
     model_class_name = "MgllInternVLForConditionalGeneration"
     source_class_name = "InternVLForConditionalGeneration"
+    remote_name = "mgll_internvl"
     tower_path = "model.vision_tower"
     projector_path = "model.multi_modal_projector"
     language_model_path = "model.language_model"
     lm_head_path = "lm_head"
-
-    def model_class(self):
-        return swapped_class()
 
     def _tower(self, model: nn.Module):
         from transformers import CLIPVisionModel
@@ -140,33 +126,23 @@ class InternVLHost(Host):
         }
 
     # -- swap ----------------------------------------------------------------------------------
-    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
-        """MGLL ViT as ``model.vision_tower``, projector at the pixel-shuffled MGLL width, new ``image_seq_length``."""
-        from transformers import InternVLForConditionalGeneration
+    def put_tower(self, model: nn.Module, hf_vit: nn.Module, select_layer: int, projector_init: str, ref: torch.Tensor) -> None:
+        """MGLL ViT as ``model.vision_tower`` (InternVL selects by ``vision_feature_layer``), projector at the pixel-shuffled width."""
         from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
-        from mgll.adapters.export_hf import to_hf_clip_vision
-
-        check_projector_init(projector_init)
-        if not isinstance(model, InternVLForConditionalGeneration):
-            raise TypeError(f"internvl host needs an InternVLForConditionalGeneration, got {type(model).__name__}")
-        ref = model.get_input_embeddings().weight
-        dtype, device = ref.dtype, ref.device
-        hf_vit = to_hf_clip_vision(encoder, with_projection=False)
         # the stock InternVLModel builds AutoModel.from_config(vision_config): a CLIPVisionConfig gives this tower
         model.config.vision_config = hf_vit.config
-        model.model.vision_tower = hf_vit.to(device=device, dtype=dtype)
+        model.model.vision_tower = hf_vit.to(device=ref.device, dtype=ref.dtype)
         if projector_init != "keep":
-            projector = InternVLMultiModalProjector(model.config).to(device=device, dtype=dtype)
+            projector = InternVLMultiModalProjector(model.config).to(device=ref.device, dtype=ref.dtype)
             if projector_init == "zero":
                 zero_init_last(projector.linear_2, ref)
             model.model.multi_modal_projector = projector
-        become_swapped(model, swapped_class())
+
+    def after_swap(self, model: nn.Module) -> None:
         g, s = self.tower_grid(model), _shuffle_scale(model.config)
         if g % s == 0:
             model.config.image_seq_length = (g // s) ** 2
-        self.check_fit(model)
-        return model
 
     def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
         """An ``InternVLProcessor`` tiling at the MGLL image size; the thumbnail (or single tile) is the encoder's view."""

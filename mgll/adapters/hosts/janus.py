@@ -30,42 +30,30 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
     Host,
     ShapeMismatch,
-    become_swapped,
     chat_template_of,
     check_layer_index,
-    check_projector_init,
     mgll_part,
-    remote_module,
     resolve_tokenizer,
     vit_spec,
     zero_init_last,
 )
 
-__all__ = ["JanusHost", "swapped_class"]
+__all__ = ["JanusHost"]
 
 DEFAULT_SELECT_LAYER = -1
 GENERATION_PATHS = ("model.vqmodel", "model.generation_embeddings", "model.generation_aligner", "model.generation_head")
 
 
-def remote():
-    """The remote-code module (imported on first use, so that ``mgll --help`` does not import the model code)."""
-    return remote_module("mgll_janus", "MgllJanusForConditionalGeneration")
-
-
-def swapped_class():
-    """``MgllJanusForConditionalGeneration`` (:mod:`mgll.adapters.remote.mgll_janus`)."""
-    return remote().MgllJanusForConditionalGeneration
-
-
 def __getattr__(name: str):
     if name in ("MgllJanusForConditionalGeneration", "MgllJanusVisionTower"):  # old import paths
-        return getattr(remote(), name)
+        return getattr(JanusHost().remote(), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -73,17 +61,15 @@ def __getattr__(name: str):
 class JanusHost(Host):
     model_class_name = "MgllJanusForConditionalGeneration"
     source_class_name = "JanusForConditionalGeneration"
+    remote_name = "mgll_janus"
     tower_path = "model.vision_model.vit"
     source_tower_path = "model.vision_model"
     projector_path = "model.aligner"
     language_model_path = "model.language_model"
     lm_head_path = "lm_head"
 
-    def model_class(self):
-        return swapped_class()
-
     def _visual(self, model: nn.Module):
-        return mgll_part(model, "model.vision_model", remote().MgllJanusVisionTower)
+        return mgll_part(model, "model.vision_model", self.remote().MgllJanusVisionTower)
 
     def unquantised_modules(self) -> list[str]:
         """Tower, aligner, ``lm_head`` and the whole image-generation path stay in float."""
@@ -120,41 +106,28 @@ class JanusHost(Host):
         }
 
     # -- swap ----------------------------------------------------------------------------------
-    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default",
-                      select_layer: int = DEFAULT_SELECT_LAYER) -> nn.Module:
+    default_select_layer = DEFAULT_SELECT_LAYER
+
+    def put_tower(self, model: nn.Module, hf_vit: nn.Module, select_layer: int, projector_init: str, ref: torch.Tensor) -> None:
         """MGLL ViT in place of the SigLIP tower, fresh aligner at the MGLL width; the generation path is not touched."""
-        from transformers import JanusForConditionalGeneration
         from transformers.models.janus.modeling_janus import JanusVisionAlignerMLP
 
-        from mgll.adapters.export_hf import to_hf_clip_vision
-
-        check_projector_init(projector_init)
-        if not isinstance(model, JanusForConditionalGeneration):
-            raise TypeError(f"janus host needs a JanusForConditionalGeneration, got {type(model).__name__}")
-        ref = model.get_input_embeddings().weight
-        dtype, device = ref.dtype, ref.device
-        hf_vit = to_hf_clip_vision(encoder, with_projection=False)
         old_aligner = model.model.aligner
         if projector_init == "keep" and int(old_aligner.fc1.in_features) != int(hf_vit.config.hidden_size):
             raise ShapeMismatch(
                 f"width mismatch: the aligner expects {old_aligner.fc1.in_features}-wide vision features "
                 f"but the tower gives {hf_vit.config.hidden_size}"
             )
-        model.config.mgll_tower = {"clip_vision_config": hf_vit.config.to_dict(), "select_layer": int(select_layer), "post_norm": True}
         vc = model.config.vision_config  # the aligner's input width follows the MGLL tower; the generation grid stays
         vc.hidden_size = int(hf_vit.config.hidden_size)
         vc.num_attention_heads = int(hf_vit.config.num_attention_heads)
-        visual = remote().build_tower(model.config, model.config.mgll_tower)
-        visual.vit.load_state_dict(hf_vit.state_dict())
-        model.model.vision_model = visual.to(device=device, dtype=dtype)
+        spec = {"clip_vision_config": hf_vit.config.to_dict(), "select_layer": select_layer, "post_norm": True}
+        model.model.vision_model = self.remote_tower(model, hf_vit, spec, ref)
         if projector_init != "keep":
-            aligner = JanusVisionAlignerMLP(vc).to(device=device, dtype=dtype)
+            aligner = JanusVisionAlignerMLP(vc).to(device=ref.device, dtype=ref.dtype)
             if projector_init == "zero":
                 zero_init_last(aligner.hidden_layers[-1] if len(aligner.hidden_layers) else aligner.fc1, ref)
             model.model.aligner = aligner
-        become_swapped(model, swapped_class())
-        self.check_fit(model)
-        return model
 
     def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
         """A ``JanusProcessor`` whose images become the encoder's square view (not padded), with the MGLL grid's token count."""

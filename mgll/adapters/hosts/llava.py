@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-from mgll.adapters.export_hf import clip_vision_config, to_hf_clip_vision
 from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
     PROJECTOR_INITS,
@@ -20,7 +20,6 @@ from mgll.adapters.hosts.base import (
     ShapeMismatch,
     chat_template_of,
     check_layer_index,
-    check_projector_init,
     feature_layers,
     resolve_tokenizer,
     vit_spec,
@@ -95,28 +94,22 @@ class LlavaHost(Host):
 
         return LlavaMultiModalProjector
 
-    def _put_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str) -> None:
-        """``encoder``'s ViT in as a ``CLIPVisionModel`` tower and, unless ``keep``, a fresh projector at its width."""
-        old = self.projector(model).linear_1.weight
-        dtype, device = old.dtype, old.device
-        new_vc = clip_vision_config(encoder)
-        tower = to_hf_clip_vision(encoder, with_projection=False).to(device=device, dtype=dtype)
-        model.config.vision_config = new_vc
-        model.model.config.vision_config = new_vc
-        model.model.vision_tower = tower
+    def put_tower(self, model: nn.Module, hf_vit: nn.Module, select_layer: int, projector_init: str, ref: torch.Tensor) -> None:
+        """The MGLL ViT as a ``CLIPVisionModel`` tower (LLaVA selects by ``vision_feature_layer``) and, unless ``keep``,
+        a fresh projector at its width."""
+        model.config.vision_config = hf_vit.config
+        model.model.config.vision_config = hf_vit.config
+        model.model.vision_tower = hf_vit.to(device=ref.device, dtype=ref.dtype)
         if projector_init != "keep":
-            projector = self._projector_class()(model.config).to(device=device, dtype=dtype)
+            projector = self._projector_class()(model.config).to(device=ref.device, dtype=ref.dtype)
             if projector_init == "zero":
-                zero_init_last(projector.linear_2, model.get_input_embeddings().weight)
+                zero_init_last(projector.linear_2, ref)
             model.model.multi_modal_projector = projector
 
-    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
-        """Put ``encoder``'s ViT in as the tower, rebuild the projector at the new width, fix the token count."""
-        check_projector_init(projector_init)
-        self._put_tower(model, encoder, projector_init)
+    def after_swap(self, model: nn.Module) -> None:
         model.config.image_seq_length = self.num_image_tokens(model)
-        self.check_fit(model)
-        return model
+
+
 
     def _processor_class(self) -> type:
         from transformers import LlavaProcessor

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-from mgll.adapters.export_hf import clip_vision_config
 from mgll.adapters.hosts import register_host
-from mgll.adapters.hosts.base import ShapeMismatch, check_projector_init
+from mgll.adapters.hosts.base import ShapeMismatch
 from mgll.adapters.hosts.llava import LlavaHost
 
 __all__ = ["LlavaNextHost", "rescale_pinpoints", "anyres_token_count"]
@@ -104,20 +104,16 @@ class LlavaNextHost(LlavaHost):
 
         return LlavaNextMultiModalProjector
 
-    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
-        """MGLL ViT as the tower, pinpoints rescaled to the MGLL tile size, fresh projector; ``image_newline`` kept."""
-        from transformers import LlavaNextForConditionalGeneration
-
-        check_projector_init(projector_init)
-        if not isinstance(model, LlavaNextForConditionalGeneration):
-            raise TypeError(f"llava_next host needs a LlavaNextForConditionalGeneration, got {type(model).__name__}")
-        new_size = int(clip_vision_config(encoder).image_size)
+    def put_tower(self, model: nn.Module, hf_vit: nn.Module, select_layer: int, projector_init: str, ref: torch.Tensor) -> None:
+        """LLaVA's tower and projector, anyres pinpoints rescaled to the MGLL tile size; ``image_newline`` kept."""
+        new_size = int(hf_vit.config.image_size)
         pinpoints = rescale_pinpoints(model.config.image_grid_pinpoints, int(model.config.vision_config.image_size), new_size)
-        self._put_tower(model, encoder, projector_init)
+        super().put_tower(model, hf_vit, select_layer, projector_init, ref)
         model.config.image_grid_pinpoints = pinpoints
         model.model.config.image_grid_pinpoints = pinpoints
-        self.check_fit(model)
-        return model
+
+    def after_swap(self, model: nn.Module) -> None:
+        """The token count varies per image (anyres): no single ``image_seq_length`` to set."""
 
     def _processor_class(self) -> type:
         from transformers import LlavaNextProcessor

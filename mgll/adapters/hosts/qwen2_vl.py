@@ -22,41 +22,29 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
     Host,
     ShapeMismatch,
-    become_swapped,
     chat_template_of,
     check_layer_index,
-    check_projector_init,
     mgll_part,
-    remote_module,
     resolve_tokenizer,
     vit_spec,
     zero_init_last,
 )
 
-__all__ = ["Qwen2VLHost", "swapped_class"]
+__all__ = ["Qwen2VLHost"]
 
 DEFAULT_SELECT_LAYER = -1  # Qwen2-VL merges its last block's output; the merger brings its own LayerNorm
 
 
-def remote():
-    """The remote-code module (imported on first use, so that ``mgll --help`` does not import the model code)."""
-    return remote_module("mgll_qwen2_vl", "MgllQwen2VLForConditionalGeneration")
-
-
-def swapped_class():
-    """``MgllQwen2VLForConditionalGeneration`` (:mod:`mgll.adapters.remote.mgll_qwen2_vl`)."""
-    return remote().MgllQwen2VLForConditionalGeneration
-
-
 def __getattr__(name: str):
     if name in ("MgllQwen2VLForConditionalGeneration", "MgllQwen2VisionTower"):  # old import paths
-        return getattr(remote(), name)
+        return getattr(Qwen2VLHost().remote(), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -64,18 +52,16 @@ def __getattr__(name: str):
 class Qwen2VLHost(Host):
     model_class_name = "MgllQwen2VLForConditionalGeneration"
     source_class_name = "Qwen2VLForConditionalGeneration"
+    remote_name = "mgll_qwen2_vl"
     tower_path = "model.visual.vit"
     source_tower_path = "model.visual"
     projector_path = "model.visual.merger"
     language_model_path = "model.language_model"
     lm_head_path = "lm_head"
 
-    def model_class(self):
-        return swapped_class()
-
     # -- token grid ----------------------------------------------------------------------------
     def _visual(self, model: nn.Module):
-        return mgll_part(model, "model.visual", remote().MgllQwen2VisionTower)
+        return mgll_part(model, "model.visual", self.remote().MgllQwen2VisionTower)
 
     def tower_grid(self, model: nn.Module) -> int:
         return self._visual(model).grid
@@ -115,44 +101,28 @@ class Qwen2VLHost(Host):
         }
 
     # -- swap ----------------------------------------------------------------------------------
-    def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default",
-                      select_layer: int = DEFAULT_SELECT_LAYER) -> nn.Module:
-        """MGLL ViT + fresh merger at the MGLL width in place of ``model.model.visual``; the class becomes the Mgll subclass."""
-        from mgll.adapters.export_hf import to_hf_clip_vision
+    default_select_layer = DEFAULT_SELECT_LAYER
 
-        check_projector_init(projector_init)
-        from transformers import Qwen2VLForConditionalGeneration
-
-        if not isinstance(model, Qwen2VLForConditionalGeneration):
-            raise TypeError(f"qwen2_vl host needs a Qwen2VLForConditionalGeneration, got {type(model).__name__}")
-        old = model.model.visual
-        old_merger = getattr(old, "merger", None)
-        ref = model.get_input_embeddings().weight
-        dtype, device = ref.dtype, ref.device
-        hf_vit = to_hf_clip_vision(encoder, with_projection=False)
-        vc = model.config.vision_config
-        model.config.mgll_tower = {"clip_vision_config": hf_vit.config.to_dict(), "select_layer": int(select_layer)}
+    def put_tower(self, model: nn.Module, hf_vit: nn.Module, select_layer: int, projector_init: str, ref: torch.Tensor) -> None:
+        """MGLL ViT + merger at the MGLL width in place of ``model.model.visual`` (the merger is Qwen2-VL's projector)."""
+        old_merger = getattr(model.model.visual, "merger", None)
+        width = int(hf_vit.config.hidden_size)
+        if projector_init == "keep" and (old_merger is None or int(old_merger.ln_q.normalized_shape[0]) != width):
+            got = int(old_merger.ln_q.normalized_shape[0]) if old_merger is not None else None
+            raise ShapeMismatch(f"width mismatch: the merger expects {got}-wide vision features but the tower gives {width}")
         # the stock fields describe the new tower where they mean the same thing (the processor reads its own copy)
+        vc = model.config.vision_config
         vc.patch_size = int(hf_vit.config.patch_size)
-        vc.embed_dim = int(hf_vit.config.hidden_size)
+        vc.embed_dim = width
         vc.depth = int(hf_vit.config.num_hidden_layers)
         vc.num_heads = int(hf_vit.config.num_attention_heads)
         vc.hidden_size = int(model.config.text_config.hidden_size)
-        visual = remote().build_tower(model.config, model.config.mgll_tower)
-        visual.vit.load_state_dict(hf_vit.state_dict())
+        visual = self.remote_tower(model, hf_vit, {"clip_vision_config": hf_vit.config.to_dict(), "select_layer": select_layer}, ref)
         if projector_init == "keep":
-            if old_merger is None or int(old_merger.ln_q.normalized_shape[0]) != int(hf_vit.config.hidden_size):
-                got = int(old_merger.ln_q.normalized_shape[0]) if old_merger is not None else None
-                raise ShapeMismatch(
-                    f"width mismatch: the merger expects {got}-wide vision features but the tower gives {hf_vit.config.hidden_size}"
-                )
             visual.merger = old_merger
         elif projector_init == "zero":
             zero_init_last(visual.merger.mlp[-1], ref)
-        model.model.visual = visual.to(device=device, dtype=dtype)
-        become_swapped(model, swapped_class())
-        self.check_fit(model)
-        return model
+        model.model.visual = visual
 
     def make_processor(self, model: nn.Module, processor: Any, tokenizer: Any, encoder: nn.Module, view: str = "crop") -> Any:
         """A ``Qwen2VLProcessor`` whose images become the encoder's square view, one MGLL grid each, at its normalisation."""
