@@ -18,7 +18,6 @@ from mgll.adapters.prompts import build_prompt, encode_prefix
 from mgll.adapters.swap import load_swapped
 from mgll.cli import main
 from mgll.data import make_synthetic
-from mgll.encoder.factory import create_encoder, save_encoder
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from stock_models import build_stock  # noqa: E402
@@ -31,12 +30,8 @@ MARKERS = {"qwen2_vl": ("<|vision_start|>", "<|vision_end|>"), "internvl": ("<im
 
 
 @pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("enc")
-    torch.manual_seed(0)
-    enc, _, _, _, name = create_encoder("mgll-tiny-vit")
-    save_encoder(enc, root / "enc", name)
-    return root / "enc"
+def encoder_dir(tiny_encoder):
+    return tiny_encoder  # conftest: a seeded random tiny MGLL encoder run folder
 
 
 def swapped(tmp_path, host, encoder_dir):

@@ -13,24 +13,12 @@ import os
 from typing import Any
 
 import torch
-from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from mgll.adapters.export_hf import _visual_of
 from mgll.adapters.preprocess import build_image_processor, preprocess_cfg_of
 
 SELECT_FEATURES = ("patch", "cls_patch")
-
-
-def _visual_of(model: nn.Module) -> VisionTransformer:
-    visual = getattr(model, "visual", model)
-    if not isinstance(visual, VisionTransformer):
-        raise TypeError(
-            f"vision tower must be an open_clip VisionTransformer (ViT); got {type(visual).__name__} "
-            "(timm / ModifiedResNet towers have no per-layer token grid to select from)"
-        )
-    if visual.attn_pool is not None:
-        raise TypeError("open_clip ViTs with attentional pooling (CoCa) are not supported as LLaVA towers")
-    return visual
 
 
 class OpenClipVisionTower(nn.Module):
