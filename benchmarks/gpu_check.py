@@ -62,6 +62,22 @@ def _data(work: Path, smoke: bool) -> Path:
     return root
 
 
+def _median_step(step, warmup: int, steps: int) -> tuple[float, dict]:
+    """Median seconds of ``step()`` (one optimizer step) over ``steps`` timed calls after ``warmup`` untimed ones,
+    synchronised on CUDA; also the last call's output."""
+    times, out = [], None
+    for i in range(warmup + steps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
 # -- speed ---------------------------------------------------------------------------------------
 def phase_speed(args) -> None:
     from accelerate import Accelerator
@@ -90,24 +106,19 @@ def phase_speed(args) -> None:
         model, opt = acc.prepare(model, opt)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for i in range(warmup + steps):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+        def step(model=model, opt=opt, images=images, labels=labels):
             with acc.autocast():
                 out = model(images, labels)
             acc.backward(out["loss"])
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        sec = statistics.median(times)
+            return out
+
+        sec, out = _median_step(step, warmup, steps)
         results[loss] = {"img_per_s": round(batch / sec, 1), "sec_per_step": round(sec, 4), "peak_gib": _peak_gib(),
                          "final_loss": float(out["loss"].detach())}
-        del model, opt, out
+        del step, model, opt, out
         acc.free_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -270,11 +281,8 @@ def phase_large_batch(args) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for i in range(warmup + steps):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+        def step(model=model, opt=opt, cache=cache, images=images, labels=labels):
             if cache is None:
                 with acc.autocast():
                     out = model(images, labels)
@@ -285,15 +293,13 @@ def phase_large_batch(args) -> None:
             acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        sec = statistics.median(times)
+            return out
+
+        sec, out = _median_step(step, warmup, steps)
         rows[name] = {"batch": n, "accum_steps": k, "micro_batch": n // k, "steps_timed": steps, "sec_per_step": round(sec, 4),
                       "ms_per_sample": round(1000 * sec / n, 4), "img_per_s": round(n / sec, 1), "peak_gib": _peak_gib(),
                       "final_loss": float(out["loss"].detach())}
-        del model, opt, core, cache, out, images
+        del step, model, opt, core, cache, out, images
         acc.free_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
