@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .check_data import register as register_check_data
 
@@ -56,6 +57,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from .shards import write_shards
+
+    m = write_shards(args.dataset, args.out, shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite,
+                     progress=not args.no_progress)
+    pattern = Path(args.out) / ("{000000.." + f"{m['n_shards'] - 1:06d}" + "}.tar")
+    print(f"wrote {m['n_samples']} samples in {m['n_shards']} shards to {args.out} (splits {m['splits']}); "
+          f"train from data.path={pattern}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, size_help: str) -> None:
     p.add_argument("--size", type=int, default=512, help=size_help)
     p.add_argument("--split", default=None, help="patient-level split fractions, default train=0.8,val=0.1,test=0.1")
@@ -104,5 +116,14 @@ def register(subparsers) -> None:
     p.add_argument("--name", default="mgll-merged")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=_cmd_merge)
+
+    p = subparsers.add_parser("shard", help="write a dataset folder as WebDataset tar shards (+ card, manifest); resumable")
+    p.add_argument("dataset", help="dataset folder (card + records.jsonl)")
+    p.add_argument("out", help="output folder for {000000..}.tar, dataset.json and manifest.json (re-running resumes)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one shuffle of the records before they are cut")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards in OUT")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_shard)
 
     register_check_data(subparsers)

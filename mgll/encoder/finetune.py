@@ -44,9 +44,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mgll.data import load_dataset
 from mgll.data.pixel_budget import ImageTooLargeError, open_image, resolve_max_pixels
 from mgll.data.records import MultiGranularDataset, Record, RecordError
+from mgll.data.shards import open_dataset
 from mgll.encoder.checkpoint import load_checkpoint, load_newest_intact, save_checkpoint
 from mgll.encoder.factory import create_encoder
 from mgll.encoder.features import read_rgb_or_reason
@@ -297,7 +297,7 @@ def finetune(
     ``max_epochs_this_run`` stops after that many epochs of this call without testing (returns
     ``{"interrupted": True, ...}``), to simulate a killed run in tests.
     """
-    ds = data if isinstance(data, MultiGranularDataset) else load_dataset(data)
+    ds = data if isinstance(data, MultiGranularDataset) else open_dataset(data)  # a folder, or shards unpacked once
     s = FinetuneSettings(encoder=str(encoder), data=str(Path(ds.root).resolve()), level=level,
                          classes=list(classes) if classes else None, **kw)
     if s.head_init not in ("probe", "random"):

@@ -31,7 +31,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from mgll.data.records import MultiGranularDataset, Record, RecordError, load_dataset
+from mgll.data.records import MultiGranularDataset, Record, RecordError
+from mgll.data.shards import open_dataset
 from mgll.encoder.features import FeatureSet, extract_features
 from mgll.encoder.metrics import evaluate_scores
 from mgll.encoder.reports import write_report
@@ -282,7 +283,7 @@ def run_probe(
         raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
     t0 = time.perf_counter()
     encoder = str(encoder)
-    ds = data if isinstance(data, MultiGranularDataset) else load_dataset(data)
+    ds = data if isinstance(data, MultiGranularDataset) else open_dataset(data)  # a folder, or shards unpacked once
     task = make_task(ds, level, classes)
     train_name, val_name, test_name = splits
     have = ds.splits()

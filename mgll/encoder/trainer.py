@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from tqdm.auto import tqdm
 from mgll.data import RecordImageDataset, collate_records, load_dataset
 from mgll.data.image_checks import preflight_images
 from mgll.data.records import RecordError
+from mgll.data.shard_stream import ShardStream
+from mgll.data.shards import is_shard_pattern, open_shards
 from mgll.encoder.accumulate import GradCache, check_accum_steps
 from mgll.encoder.checkpoint import (
     checkpoint_rng,
@@ -191,6 +194,28 @@ def _grad_norm(accelerator: Accelerator, model, cfg: RunConfig, stage: int | Non
     return float(norm)
 
 
+_URL_LIKE = re.compile(r"^[a-z][a-z0-9+.-]*://|^pipe:", re.IGNORECASE)
+STREAM_LAYOUT = "data_stream.json"
+
+
+def check_stream_layout(run_dir: Path, resume: bool, world: int, streams: int) -> None:
+    """A shard run's sample order depends on (processes, streams): a resume with others would repeat and skip samples.
+
+    The first run records them in the run folder; a resume must match (one line naming both, else)."""
+    path = run_dir / STREAM_LAYOUT
+    now = {"world_size": world, "streams": streams}
+    if resume and path.is_file():
+        was = json.loads(path.read_text(encoding="utf-8"))
+        if was != now:
+            raise ValueError(
+                f"{path}: this run read its shards with {was['world_size']} processes x {was['streams']} streams "
+                f"(data.num_workers); resuming with {world} x {streams} would repeat and skip samples: resume with the same"
+            )
+    elif int(os.environ.get("RANK", "0")) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, now)
+
+
 def _preflight(cfg: RunConfig, dataset, accelerator: Accelerator) -> None:
     """Check every training image before step 1 (``data.check_images``), so a truncated or oversized
     file fails the run in seconds, naming the file, instead of hours in when the sampler reaches it.
@@ -232,7 +257,8 @@ def train(
     run_dir = Path(cfg.output_dir)
     if not cfg.data.path:
         raise ValueError("data.path is empty: point it at a dataset folder (card + records.jsonl)")
-    cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())  # the run folder is read from anywhere later
+    if not _URL_LIKE.match(cfg.data.path):  # a local folder or shard pattern; URLs stay as they are
+        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())  # the run folder is read from anywhere later
     changes = check_resume_config(run_dir, cfg.to_dict(), allow_config_change) if resume else []
     accelerator = make_accelerator(cfg.train.precision, cfg.deepspeed)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -244,15 +270,20 @@ def train(
     if accelerator.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    dataset = load_dataset(cfg.data.path)
-    _preflight(cfg, dataset, accelerator)
-    model, preprocess_train, preprocess_val, model_name = build_model(cfg, dataset.card.levels)
-    images = RecordImageDataset(
-        dataset, split=cfg.data.split, transform=preprocess_train if cfg.data.augment else preprocess_val,
-        max_pixels=cfg.data.max_pixels,
-    )
-    if len(images) == 0:
-        raise ValueError(f"{cfg.data.path}: no records in split {cfg.data.split!r}; splits: {dataset.splits()}")
+    shards = open_shards(cfg.data.path) if is_shard_pattern(cfg.data.path) else None
+    dataset = None if shards is not None else load_dataset(cfg.data.path)
+    card = shards.card if shards is not None else dataset.card
+    if dataset is not None:
+        _preflight(cfg, dataset, accelerator)  # shards: each image is checked (budget, decode) as it streams
+    model, preprocess_train, preprocess_val, model_name = build_model(cfg, card.levels)
+    transform = preprocess_train if cfg.data.augment else preprocess_val
+    images = None if dataset is None else RecordImageDataset(dataset, split=cfg.data.split, transform=transform, max_pixels=cfg.data.max_pixels)
+    n_items = sum(shards.counts(cfg.data.split)) if shards is not None else len(images)
+    if n_items == 0:
+        splits = shards.manifest["splits"] if shards is not None else dataset.splits()
+        raise ValueError(f"{cfg.data.path}: no records in split {cfg.data.split!r}; splits: {splits}")
+    if shards is not None:
+        check_stream_layout(run_dir, resume, world, max(1, cfg.data.num_workers))
 
     model.to(accelerator.device)
     optimizer = build_optimizer(model, cfg)
@@ -301,16 +332,17 @@ def train(
     # DeepSpeed casts the model itself under bf16/fp16 (accelerate's autocast is off there): match its inputs
     input_dtype = next(core.parameters()).dtype if stage is not None else None
 
-    sampler = GlobalBatchSampler(
-        len(images), cfg.train.batch_size, cfg.train.steps, seed=cfg.train.seed, rank=rank, world_size=world, start_step=start_step
-    )
-    loader = DataLoader(
-        SeededItems(images, seed=cfg.train.seed),
-        batch_sampler=sampler,
-        collate_fn=collate_records,
-        num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
-    )
+    if shards is None:
+        sampler = GlobalBatchSampler(
+            len(images), cfg.train.batch_size, cfg.train.steps, seed=cfg.train.seed, rank=rank, world_size=world, start_step=start_step
+        )
+        loader = DataLoader(SeededItems(images, seed=cfg.train.seed), batch_sampler=sampler, collate_fn=collate_records,
+                            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    else:  # batches come whole from the shard streams (mgll.data.shard_stream), one stream per worker
+        stream = ShardStream(shards, cfg.data.split, transform, cfg.train.batch_size, cfg.train.steps, seed=cfg.train.seed,
+                             rank=rank, world_size=world, streams=max(1, cfg.data.num_workers), start_step=start_step,
+                             max_pixels=cfg.data.max_pixels)
+        loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     end_step = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start_step + max_steps_this_run)
     bar = tqdm(total=end_step - start_step, desc=f"train {cfg.loss.name}", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
     guard = FiniteGuard(cfg.train.max_nonfinite_steps, what="mgll train")
@@ -321,9 +353,10 @@ def train(
     batches = iter(loader)
     if ckpt is not None:  # after iter(): creating the iterator draws from the global generator
         set_rng_state(checkpoint_rng(ckpt))
-    for batch_images, label_sets in batches:
+    for batch in batches:
         if step >= end_step:
             break
+        batch_images, label_sets = batch[0], batch[1]  # shard batches also carry their record indices
         batch_images = batch_images.to(accelerator.device, dtype=input_dtype, non_blocking=True)
         with accelerator.autocast():
             out = model(batch_images, label_sets) if accum is None else accum.forward(batch_images, label_sets)
@@ -377,7 +410,7 @@ def train(
             encoder,
             run_dir / "encoder",
             model_name,
-            extra={"loss": cfg.loss.name, "levels": [{"name": lv.name, "template": lv.template} for lv in dataset.card.levels], "steps": step},
+            extra={"loss": cfg.loss.name, "levels": [{"name": lv.name, "template": lv.template} for lv in card.levels], "steps": step},
         )
         rows = _metric_rows(metrics_path)
         last = rows[-1] if rows and rows[-1]["step"] == step else {}  # a resume with no step left: its last row

@@ -47,9 +47,9 @@ import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from tqdm.auto import tqdm
 
-from mgll.data import load_dataset
 from mgll.data.pixel_budget import resolve_max_pixels
 from mgll.data.records import MultiGranularDataset, Record
+from mgll.data.shards import open_dataset
 from mgll.encoder.factory import create_encoder
 from mgll.encoder.features import encoder_identity, extract_features, read_rgb_or_reason
 from mgll.encoder.metrics import evaluate_scores
@@ -240,7 +240,7 @@ def zeroshot(
     if multilabel_score not in MULTILABEL_SCORES:
         raise ValueError(f"unknown multilabel_score {multilabel_score!r}; known: {', '.join(MULTILABEL_SCORES)}")
     user_templates = [check_template(t) for t in templates]
-    ds = data if isinstance(data, MultiGranularDataset) else load_dataset(data)
+    ds = data if isinstance(data, MultiGranularDataset) else open_dataset(data)  # a folder, or shards unpacked once
     card = ds.card
     wanted = list(dict.fromkeys(levels)) if levels else list(card.level_names)
     for lv in wanted:
