@@ -159,3 +159,19 @@ def test_evaluation_reads_shards_through_a_cache(data, tmp_path, monkeypatch):
     assert got == want and {r.split for r in unpacked.records} == {"test"}
     again = open_dataset(pattern(root), splits=("test",))
     assert again.root == unpacked.root and len(again.records) == len(unpacked.records)
+
+
+def test_a_probe_on_shards_equals_the_probe_on_the_folder(data, tmp_path, monkeypatch):
+    from mgll.encoder.factory import save_encoder
+
+    root, _ = data
+    monkeypatch.setenv("MGLL_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    enc, _, _, _, name = create_encoder("mgll-tiny-vit")
+    save_encoder(enc, tmp_path / "enc", name)
+    out = {}
+    for tag, where in (("shards", pattern(root)), ("folder", str(root / "folder"))):
+        assert main(["probe", "--encoder", str(tmp_path / "enc"), "--data", where, "--level", "status", "--bootstrap", "0",
+                     "--out", str(tmp_path / tag), "--no-progress"]) == 0
+        out[tag] = json.loads((tmp_path / tag / "metrics.json").read_text())["results"]
+    assert out["shards"] == out["folder"]
