@@ -108,6 +108,10 @@ def test_one_stream_sees_the_folder_epochs_multiset_with_the_folder_inputs(data)
     rows = [b for _, b in zip(range(spe), iter(stream))]
     got = [i for _, _, idx in rows for i in idx]
     assert len(got) == spe * batch and set(got) <= set(train_recs) and len(set(got)) == len(got)
+    # with a batch that leaves nothing over, an epoch is exactly the split's multiset, as the folder sampler's epoch
+    ones = ShardStream(open_shards(pattern(root)), "train", lambda im: torch.zeros(1), global_batch=1, total_steps=200, seed=1)
+    epoch0 = [idx[0] for _, (_, _, idx) in zip(range(ones.steps_per_epoch(0)), iter(ones))]
+    assert Counter(epoch0) == Counter(train_recs)
     folder = SeededItems(RecordImageDataset(ds, split="train", transform=preprocess), seed=1)
     position = {rec: k for k, rec in enumerate(train_recs)}
     images, labels, idx = rows[0]
