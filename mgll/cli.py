@@ -114,9 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def offline_defaults() -> None:
+    """Offline (``HF_HUB_OFFLINE``), transformers 5.2x still asks the Hub for kernels in every ``from_pretrained`` on
+    CUDA and fails (found on an H200: benchmarks/results/gpu.md); keep hub kernels off unless the user set ``USE_HUB_KERNELS``."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        os.environ.setdefault("USE_HUB_KERNELS", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     from mgll.encoder.finite import NonFiniteError
 
+    offline_defaults()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
