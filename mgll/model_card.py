@@ -203,11 +203,12 @@ def build_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     command = command_line()
+    bases = _unique(base_models)
     meta = ModelCardData(
         library_name=library_name,
         pipeline_tag=pipeline_tag,
         tags=_unique(["mgll", "medical-imaging", *tags]),
-        base_model=(_unique(base_models) or None),
+        base_model=(bases[0] if len(bases) == 1 else bases) or None,  # one id as a string, the Hub's usual form
         datasets=(_unique(datasets) or None),
         mgll={"kind": kind, "command": command, **(facts or {})},
     )
