@@ -1,6 +1,6 @@
 """Hugging Face model cards (``README.md``) for every folder mgll writes: encoders, runs, exports, swaps, alignments.
 
-Why: a folder pushed with ``huggingface-cli upload`` is only useful to someone else if it says
+Why: a folder pushed with ``huggingface-cli upload`` (``hf upload``) is only useful to someone else if it says
 what it is and how it was made. The Hub reads the YAML block (``library_name`` picks the loading
 snippet and widget, ``pipeline_tag`` the task, ``base_model`` links the model tree, ``datasets``
 the data); the body records what produced the folder (loss and weights, data card, steps, the
@@ -49,8 +49,8 @@ __all__ = [
 
 CARD_FILE = "README.md"
 EVAL_HEADING = "## Evaluation"
-FOOTER = ("_Card written by mgll with `huggingface_hub.ModelCard`; `huggingface-cli upload REPO_ID FOLDER` uploads this "
-          "folder as it is._")
+FOOTER = ("_Card written by mgll with `huggingface_hub.ModelCard`; `huggingface-cli upload REPO_ID FOLDER .` "
+          "(`hf upload` with huggingface_hub >= 1.0) uploads this folder as it is._")
 _NO_EVAL = ("No evaluation recorded yet. Add probe, zero-shot or MCQ figures with "
             "`mgll card FOLDER --results EVAL_FOLDER ...`.")
 _ARGV: list[str] | None = None

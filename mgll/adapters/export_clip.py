@@ -24,7 +24,8 @@ What maps one to one (and is checked, not assumed):
   it, a difference of one pixel row/column when ``(resized - crop) / 2`` is an odd multiple of 0.5;
   the default torchvision backend's bicubic also differs from PIL's (the one open_clip uses) by
   about one 8-bit level when an image is actually resized. Images already at the crop size with
-  integral offsets are pixel-identical on either backend; ``backend="pil"`` matches every resize.
+  integral offsets are pixel-identical on either backend; ``backend="pil"`` also matches open_clip's resize
+  (not the half-pixel crop).
 
 Everything else (SigLIP's sigmoid head and timm towers, Hugging Face text towers, custom
 tokenizers, CoCa's attention pooling, average pooling, layer scale, ...) is refused with the
