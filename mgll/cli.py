@@ -51,6 +51,14 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_card(args: argparse.Namespace) -> int:
+    from mgll.model_card import add_results, read_figures
+
+    path = add_results(args.folder, args.results)
+    print(f"wrote {path}: {len(read_figures(args.results))} figure(s) from {len(args.results)} report(s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgll", description="Multi-Granular Language Learning for medical imaging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_quickstart)
 
+    p = sub.add_parser("card", help="add probe / zero-shot / MCQ figures to the model card (README.md) of a folder mgll wrote")
+    p.add_argument("folder", help="encoder, run, export-hf, swap, align or export-aligned folder")
+    p.add_argument("--results", nargs="+", required=True, metavar="EVAL",
+                   help="mgll probe / zeroshot report folders (metrics.json) or mgll mcq run folders (results.json)")
+    p.set_defaults(func=_cmd_card)
+
     from mgll.data.builders_cli import register as register_builders
 
     register_builders(sub)
@@ -123,9 +137,11 @@ def offline_defaults() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from mgll.encoder.finite import NonFiniteError
+    from mgll.model_card import set_command
 
     offline_defaults()
     args = build_parser().parse_args(argv)
+    set_command(sys.argv[1:] if argv is None else argv)  # the model cards record the exact command
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
@@ -134,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:  # a run that diverged: not bad input, but no traceback either
         print(f"mgll {args.command}: stopped: {e}", file=sys.stderr)
         return 3
+    finally:
+        set_command(None)
 
 
 if __name__ == "__main__":

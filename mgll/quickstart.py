@@ -47,6 +47,7 @@ def run_quickstart(
     from mgll.encoder.probe import run_probe
     from mgll.encoder.trainer import train
     from mgll.mllm_eval.report import mcq_verdict
+    from mgll.model_card import add_results
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -72,6 +73,8 @@ def run_quickstart(
             runs[loss], ds, "disease", bootstrap=probe_bootstrap, seed=seed, out=probes[loss],
             cache_dir=out / "feature-cache", progress=progress,
         )
+    for loss in probes:  # the figures go into each encoder's model card (README.md) too
+        add_results(runs[loss] / "encoder", [probes[loss]])
     cmp = compare_runs(
         [probes["clip"], probes["mgll"]], out / "compare", labels=["CLIP", "MGLL"],
         title="Linear probe, synthetic fundus disease (multi-label)",
@@ -89,6 +92,9 @@ def run_quickstart(
         mcq = run_mcq_demo(
             out / "mcq", data_dir, runs["clip"], runs["mgll"], steps=mcq_steps, seed=seed, progress=progress
         )
+        for loss in probes:  # the card of the encoder the swapped LLaVA used gets that LLaVA's MCQ figures
+            if (out / "mcq" / f"mcq-{loss}" / "results.json").is_file():
+                add_results(runs[loss] / "encoder", [probes[loss], out / "mcq" / f"mcq-{loss}"])
         print()
         print(mcq["table"])
         print(f"MCQ verdict (average accuracy, points; paired bootstrap over questions): {mcq_verdict(mcq)}")

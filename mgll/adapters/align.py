@@ -36,6 +36,7 @@ from mgll.encoder.checkpoint import (
 )
 from mgll.encoder.finite import FiniteGuard, NonFiniteError, all_ranks_agree, finite_or_none
 from mgll.io import atomic_path, atomic_write_json, atomic_write_text
+from mgll.model_card import align_card, write_card
 from mgll.optim import adamw
 
 __all__ = ["AlignConfig", "align", "record_caption", "CaptionPairs", "load_aligned", "latest_align_checkpoint"]
@@ -471,7 +472,7 @@ def align(
     final = out / "checkpoints" / f"step-{step:07d}"
     _checkpoint(final, cfg, host, model, accelerator, zero, optimizer, scheduler, step, losses)
     if accelerator.is_main_process:
-        _finish(out, cfg, spec, final, step, losses, pairs)
+        _finish(out, cfg, spec, final, step, losses, pairs, ds)
     if after_training is not None:
         after_training(model, batch)
     if dist.is_available() and dist.is_initialized():
@@ -496,8 +497,8 @@ def _prune(out: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _finish(out: Path, cfg, spec, ckpt: Path, step, losses, pairs) -> None:
-    """The final outputs are copies of the last checkpoint's weights (consolidated there under ZeRO)."""
+def _finish(out: Path, cfg, spec, ckpt: Path, step, losses, pairs, ds) -> None:
+    """The final outputs are copies of the last checkpoint's weights (consolidated there under ZeRO), then the card."""
     with atomic_path(out / PROJECTOR_FILE) as tmp:
         shutil.copyfile(ckpt / PROJECTOR_FILE, tmp)
     if cfg.stage == 2:
@@ -528,6 +529,10 @@ def _finish(out: Path, cfg, spec, ckpt: Path, step, losses, pairs) -> None:
         f"{len(pairs)} | {len(pairs.skipped)} | {summary['loss_first']:.4f} | {summary['loss_last']:.4f} |",
     ]
     atomic_write_text(out / "summary.md", "\n".join(rows) + "\n")
+    data = {"name": ds.card.name, "description": ds.card.description, "path": str(cfg.data), "splits": ds.splits(),
+            "split_used": cfg.split or "all", "levels": [{"name": lv.name, "template": lv.template} for lv in ds.card.levels
+                                                          if not cfg.levels or lv.name in cfg.levels]}
+    write_card(out, align_card(cfg, summary, data))
 
 
 def load_aligned(swap_dir: str | os.PathLike, align_dir: str | os.PathLike, **from_pretrained_kwargs: Any):

@@ -14,8 +14,11 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     from mgll.adapters.export_hf import export_hf
 
     out = export_hf(args.run, args.out, pretrained=args.pretrained, with_projection=not args.no_projection,
-                    overwrite=args.overwrite)
-    print(f"wrote CLIPVisionModel folder {out} (load: transformers.CLIPVisionModel.from_pretrained('{out}'))")
+                    overwrite=args.overwrite, full=args.full)
+    if args.full:
+        print(f"wrote CLIPModel folder {out} (use: transformers.pipeline('zero-shot-image-classification', model='{out}'))")
+    else:
+        print(f"wrote CLIPVisionModel folder {out} (load: transformers.CLIPVisionModel.from_pretrained('{out}'))")
     return 0
 
 
@@ -105,11 +108,14 @@ def register(sub) -> None:
 
     d = AlignConfig(model="", data="", out="")
 
-    p = sub.add_parser("export-hf", help="convert an MGLL/open_clip ViT to a transformers CLIPVisionModel folder")
+    p = sub.add_parser("export-hf", help="convert an MGLL/open_clip ViT to a transformers CLIPVisionModel (or, --full, CLIPModel) folder")
     p.add_argument("run", help="run folder, saved encoder or open_clip architecture name")
     p.add_argument("out", help="output folder (config.json, model.safetensors, preprocessor_config.json)")
     p.add_argument("--pretrained", help="open_clip pretrained tag or weights file (for architecture names)")
     p.add_argument("--no-projection", action="store_true", help="write CLIPVisionModel without visual_projection")
+    p.add_argument("--full", action="store_true",
+                   help="write the whole model (both towers, projections, logit scale, tokenizer, processor) as a CLIPModel "
+                        "for pipeline('zero-shot-image-classification')")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (atomically, once the new one is complete)")
     p.set_defaults(func=_cmd_export_hf)
 

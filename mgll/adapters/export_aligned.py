@@ -17,6 +17,7 @@ from pathlib import Path
 from mgll.adapters.align import ADAPTER_DIR, load_aligned
 from mgll.adapters.swap import SWAP_SPEC, check_out_free, read_swap_spec
 from mgll.io import atomic_path, atomic_write_json
+from mgll.model_card import aligned_card, write_card
 
 __all__ = ["export_aligned"]
 
@@ -40,4 +41,5 @@ def export_aligned(swap_dir: str | os.PathLike, align_dir: str | os.PathLike, ou
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         atomic_write_json(tmp / SWAP_SPEC, {**spec, "aligned_from": str(align_dir), "lora_merged": merged})
+        write_card(tmp, aligned_card(spec, swap_dir, align_dir, merged))
     return out

@@ -163,24 +163,45 @@ def export_hf(
     pretrained: str | None = None,
     with_projection: bool = True,
     overwrite: bool = False,
+    full: bool = False,
 ) -> Path:
     """Write ``out`` (config.json, model.safetensors, preprocessor_config.json, mgll_export.json) atomically.
 
     An existing non-empty ``out`` is replaced only with ``overwrite``.
 
     Saved as ``CLIPVisionModelWithProjection`` when the ViT has a projection; ``CLIPVisionModel``
-    and ``AutoModel`` load the same folder and ignore ``visual_projection``.
+    and ``AutoModel`` load the same folder and ignore ``visual_projection``. ``full`` writes the
+    whole model instead, text tower, tokenizer and logit scale included, as a ``CLIPModel``
+    (:mod:`mgll.adapters.export_clip`), for ``pipeline("zero-shot-image-classification")``.
     """
     from mgll.adapters.swap import check_out_free
     from mgll.encoder.factory import create_encoder
 
     check_out_free(out, overwrite)
+    if full and not with_projection:
+        raise ValueError("--full exports both projection heads (CLIPModel needs them); drop --no-projection")
 
-    model, _, _, _, name = create_encoder(str(run_or_name), pretrained=pretrained)
-    return save_hf_clip_vision(model, out, source=name, with_projection=with_projection)
+    model, _, _, tokenizer, name = create_encoder(str(run_or_name), pretrained=pretrained)
+    card = _card_writer(run_or_name, name, pretrained, full)
+    if full:
+        from mgll.adapters.export_clip import save_hf_clip_model
+
+        return save_hf_clip_model(model, tokenizer, out, source=name, card=card)
+    return save_hf_clip_vision(model, out, source=name, with_projection=with_projection, card=card)
 
 
-def save_hf_clip_vision(model: nn.Module, out: str | os.PathLike, source: str = "", with_projection: bool = True) -> Path:
+def _card_writer(run_or_name, name: str, pretrained: str | None, full: bool):
+    """``card(folder)``: writes the export's model card into the temporary folder before it is renamed."""
+    from mgll.model_card import export_hf_card, write_card
+
+    def card(folder: Path) -> None:
+        write_card(folder, export_hf_card(folder, source=str(run_or_name), model_name=name, pretrained=pretrained, full=full))
+
+    return card
+
+
+def save_hf_clip_vision(model: nn.Module, out: str | os.PathLike, source: str = "", with_projection: bool = True,
+                        card=None) -> Path:
     hf = to_hf_clip_vision(model, with_projection=with_projection)
     cfg = preprocess_cfg_of(model)
     processor = build_image_processor(cfg)
@@ -198,4 +219,6 @@ def save_hf_clip_vision(model: nn.Module, out: str | os.PathLike, source: str = 
                 "note": "hidden_states[i] of this model equal open_clip's block-i output (0 = after ln_pre)",
             },
         )
+        if card is not None:
+            card(tmp)
     return out

@@ -23,6 +23,7 @@ from torch import nn
 from mgll.adapters.hosts import ShapeMismatch, get_host
 from mgll.adapters.source_check import check_source
 from mgll.io import atomic_path, atomic_write_json
+from mgll.model_card import swap_card, write_card
 
 __all__ = ["SWAP_SPEC", "check_out_free", "load_processor", "swap", "swap_model", "load_swapped", "save_projector", "load_projector", "read_swap_spec"]
 
@@ -108,6 +109,7 @@ def swap(
         model.save_pretrained(tmp)
         new_processor.save_pretrained(tmp)
         atomic_write_json(tmp / SWAP_SPEC, spec)
+        write_card(tmp, swap_card(tmp, spec))
     return out
 
 

@@ -55,6 +55,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_clip_benchmark(args: argparse.Namespace) -> int:
+    from mgll.encoder.clip_benchmark import export_clip_benchmark
+
+    spec = export_clip_benchmark(args.data, args.level, args.out, classes=args.classes, templates=args.template or (),
+                                 splits=args.split, overwrite=args.overwrite)
+    counts = ", ".join(f"{k} {v['images']}" for k, v in spec["splits"].items())
+    print(f"wrote {args.out}: level {args.level!r} ({spec['kind']}, {len(spec['classes'])} classes), {counts}"
+          + (f"; skipped {len(spec['skipped'])} unreadable image(s)" if spec["skipped"] else ""))
+    print(f"run: clip_benchmark eval --dataset wds/{spec['dataset_name']} --dataset_root {args.out} --model local-dir:ENCODER "
+          "--pretrained mgll --task zeroshot_classification (or linear_probe --train_split train --val_split val)")
+    return 0
+
+
 def _fraction(s: str) -> float:
     v = float(s)
     if not 0.0 < v <= 1.0:
@@ -82,6 +95,18 @@ def register(subparsers) -> None:
     p.add_argument("--test-split", default="test")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_probe)
+
+    p = subparsers.add_parser("export-clip-benchmark",
+                              help="one single-label level of a dataset as a CLIP_benchmark WebDataset folder (wds/NAME)")
+    p.add_argument("data", help="dataset folder (records + card)")
+    p.add_argument("--level", required=True, help="a binary or multi-class level")
+    p.add_argument("--classes", nargs="+", help="restrict the task to these classes (records with none are left out)")
+    p.add_argument("--template", action="append", metavar="TEXT",
+                   help="extra zero-shot template with {} for the class, after the card's (repeatable)")
+    p.add_argument("--split", nargs="+", default=["train", "val", "test"], help="splits to write (default: train val test)")
+    p.add_argument("--out", required=True, help="output folder (pass it as clip_benchmark's --dataset_root)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(func=_cmd_export_clip_benchmark)
 
     p = subparsers.add_parser(
         "compare", help="put evaluation runs side by side (table + bar chart) with paired bootstrap CIs of the differences"

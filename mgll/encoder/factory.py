@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,13 @@ def save_encoder(
     out_dir: str | os.PathLike,
     model_name: str,
     extra: dict[str, Any] | None = None,
+    card: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``model`` as an open_clip local-dir folder, atomically (temp folder, then rename)."""
+    """Write ``model`` as an open_clip local-dir folder, atomically (temp folder, then rename).
+
+    ``card(folder)``, if given, writes the model card into the temporary folder, so the encoder
+    and its README.md appear together (mgll.model_card).
+    """
     out = Path(out_dir)
     model_cfg = dict(_model_cfg_for(model_name))
     if getattr(model, "logit_bias", None) is not None:
@@ -121,6 +127,8 @@ def save_encoder(
         save_file(state, str(tmp / ENCODER_WEIGHTS))
         atomic_write_json(tmp / ENCODER_CONFIG, {"model_cfg": model_cfg, "preprocess_cfg": dict(preprocess_cfg)})
         atomic_write_json(tmp / MGLL_CONFIG, {"model_name": model_name, **(extra or {})})
+        if card is not None:
+            card(tmp)
     return out
 
 

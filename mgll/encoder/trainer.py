@@ -272,10 +272,10 @@ def train(
 
     shards = open_shards(cfg.data.path) if is_shard_pattern(cfg.data.path) else None
     dataset = None if shards is not None else load_dataset(cfg.data.path)
-    card = shards.card if shards is not None else dataset.card
+    data_card = shards.card if shards is not None else dataset.card
     if dataset is not None:
         _preflight(cfg, dataset, accelerator)  # shards: each image is checked (budget, decode) as it streams
-    model, preprocess_train, preprocess_val, model_name = build_model(cfg, card.levels)
+    model, preprocess_train, preprocess_val, model_name = build_model(cfg, data_card.levels)
     transform = preprocess_train if cfg.data.augment else preprocess_val
     images = None if dataset is None else RecordImageDataset(dataset, split=cfg.data.split, transform=transform, max_pixels=cfg.data.max_pixels)
     n_items = sum(shards.counts(cfg.data.split)) if shards is not None else len(images)
@@ -406,20 +406,50 @@ def train(
     if stage is not None and step == cfg.train.steps:
         encoder = _consolidated_encoder(cfg, core)  # collective; fp32 masters in a plain module
     if accelerator.is_main_process and step == cfg.train.steps:
+        rows = _metric_rows(metrics_path)
+        last = rows[-1] if rows and rows[-1]["step"] == step else {}  # a resume with no step left: its last row
+        final = terms or {k: v for k, v in last.items() if k not in ("step", "lr", "logit_scale", "sec", "skipped")}
+        final = {k: v if v is None else finite_or_none(v) for k, v in final.items()}
+        splits = shards.manifest["splits"] if shards is not None else dataset.splits()
+        card = _card_writer(cfg, data_card, splits, model_name, step, final)
         save_encoder(
             encoder,
             run_dir / "encoder",
             model_name,
-            extra={"loss": cfg.loss.name, "levels": [{"name": lv.name, "template": lv.template} for lv in card.levels], "steps": step},
+            extra={"loss": cfg.loss.name, "levels": [{"name": lv.name, "template": lv.template} for lv in data_card.levels], "steps": step},
+            card=lambda folder: card(folder, "encoder"),
         )
-        rows = _metric_rows(metrics_path)
-        last = rows[-1] if rows and rows[-1]["step"] == step else {}  # a resume with no step left: its last row
-        final = terms or {k: v for k, v in last.items() if k not in ("step", "lr", "logit_scale", "sec", "skipped")}
         atomic_write_json(run_dir / "summary.json", {
-            "steps": step, "loss": cfg.loss.name, "final": {k: v if v is None else finite_or_none(v) for k, v in final.items()},
+            "steps": step, "loss": cfg.loss.name, "final": final,
             "skipped_nonfinite_steps": [r["step"] for r in rows if r.get("skipped")], "encoder": str(run_dir / "encoder"),
         })
+        card(run_dir, "run")
     return run_dir
+
+
+def _card_writer(cfg: RunConfig, data_card, splits: dict[str, int], model_name: str, steps: int, final: dict[str, Any]):
+    """``card(folder, kind)``: the model card of the run's encoder folder or of the run folder (mgll.model_card)."""
+    from mgll.encoder.factory import resolve_encoder_dir
+    from mgll.model_card import encoder_card, write_card
+
+    data = {"name": data_card.name, "description": data_card.description, "path": cfg.data.path,
+            "splits": splits, "split_used": cfg.data.split,
+            "levels": [{"name": lv.name, "template": lv.template} for lv in data_card.levels]}
+    weights = {"soft_clip": cfg.loss.soft_clip, "pointwise": cfg.loss.pointwise, "smooth_kl": cfg.loss.smooth_kl}
+    t = cfg.train
+    train_info = {"global batch": t.batch_size, "accumulation micro-batches": t.accum_steps, "learning rate / warmup": f"{t.lr:g} / {t.warmup_steps} steps",
+                  "weight decay": t.weight_decay, "precision": t.precision, "seed": t.seed,
+                  "augmentation": "open_clip train transform" if cfg.data.augment else "eval transform"}
+    start = cfg.model.name if resolve_encoder_dir(cfg.model.name) is not None else None
+
+    def card(folder: Path, kind: str) -> None:
+        write_card(folder, encoder_card(
+            folder_kind=kind, model_name=cfg.model.name if start else model_name, pretrained=cfg.model.pretrained,
+            loss=cfg.loss.name, loss_weights=weights if cfg.loss.name == "mgll" else {}, steps=steps, data=data,
+            train=train_info, final=final, start_encoder=start,
+        ))
+
+    return card
 
 
 def _consolidated_encoder(cfg: RunConfig, core: ContrastiveModel) -> torch.nn.Module:
