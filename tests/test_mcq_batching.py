@@ -248,3 +248,20 @@ def test_bad_batch_size_is_one_line_and_exit_2(root, bank, capsys):
     assert "no run.json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="batch size 0"):
         run_bank(bank, "llava", None, None, root / "bad2", batch_size=0)
+
+
+def test_rows_that_stop_early_carry_no_pad_text(root, bank):
+    """A row that ends before the others is filled with the pad id; with a pad token that decodes to text (some
+    checkpoints pad with a plain token) the batch must still answer what the row generated alone."""
+    model, processor = _model("janus", root)
+    plain = processor.tokenizer("the", add_special_tokens=False)["input_ids"][0]
+    model.generation_config.pad_token_id = plain
+    stops = scoring._stop_ids("janus", model)
+    one, eight = (run_bank(bank, "janus", model, processor, root / f"janus-pad-{bs}", mode="generate", max_new_tokens=6,
+                           batch_size=bs, progress=False) for bs in (1, 8))
+    a, b = _rows(root / "janus-pad-1"), _rows(root / "janus-pad-8")
+    assert [r["text"] for r in a] == [r["text"] for r in b]
+    assert one["per_disease"] == eight["per_disease"]
+    assert stops and plain not in stops
+    ended = [r["text"] for r in a if len(processor.tokenizer(r["text"], add_special_tokens=False)["input_ids"]) < 5]
+    assert ended  # some rows did stop early, so pads were written after them in the batch
