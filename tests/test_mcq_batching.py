@@ -265,3 +265,20 @@ def test_rows_that_stop_early_carry_no_pad_text(root, bank):
     assert stops and plain not in stops
     ended = [r["text"] for r in a if len(processor.tokenizer(r["text"], add_special_tokens=False)["input_ids"]) < 5]
     assert ended  # some rows did stop early, so pads were written after them in the batch
+
+
+def test_a_tokenizer_without_pad_token_still_batches(root, bank):
+    """Some checkpoints ship no pad token: the batch pads with EOS under the mask, and the tokenizer is left as it was."""
+    model, processor = _model("llava", root)
+    tok = processor.tokenizer
+    old, side = tok.pad_token, tok.padding_side
+    tok.pad_token = None
+    try:
+        small = dataclasses.replace(bank, questions=bank.questions[:3])
+        out = run_bank(small, "llava", model, processor, root / "nopad-8", batch_size=8, progress=False)
+        assert tok.pad_token is None and tok.padding_side == side
+    finally:
+        tok.pad_token = old
+    ref = run_bank(small, "llava", model, processor, root / "nopad-1", progress=False)
+    assert [r["pred_index"] for r in _rows(root / "nopad-8")] == [r["pred_index"] for r in _rows(root / "nopad-1")]
+    assert out["per_disease"] == ref["per_disease"]

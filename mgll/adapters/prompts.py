@@ -66,12 +66,16 @@ def encode_prefixes(processor: Any, prompts: list[str], images: list[Image.Image
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images: give one image per prompt")
     tok = getattr(processor, "tokenizer", processor)
-    side = tok.padding_side
+    side, pad = tok.padding_side, tok.pad_token
     tok.padding_side = "left"  # some processors read the tokenizer's attribute rather than the call's keyword
+    if pad is None:  # a checkpoint without a pad token: any id will do under the mask
+        tok.pad_token = tok.eos_token
     try:
         enc = processor(text=list(prompts), images=list(images), return_tensors="pt", padding=True, padding_side="left")
     finally:
         tok.padding_side = side
+        if pad is None:
+            tok.pad_token = None
     mask = enc.get("attention_mask")
     if mask is not None and not bool(mask[:, -1].all()):
         raise ValueError(f"{type(processor).__name__} did not left-pad the prompts; cannot batch them")
