@@ -159,8 +159,8 @@ def register(sub) -> None:
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_run)
 
-    m = mcq.add_parser("merge", help="merge a sharded run's answers.part-*.jsonl into answers.jsonl and write its "
-                                     "results (rank 0 does this itself under `accelerate launch` / `torchrun`)")
+    m = mcq.add_parser("merge", help="merge a stopped sharded run's answers.part-*.jsonl into answers.jsonl and write "
+                                     "its results (rank 0 does this itself at the end of `accelerate launch` / `torchrun`)")
     m.add_argument("out", help="run folder of `mgll mcq run`")
     m.add_argument("--bank", default=None, help="question bank (default: the one in run.json)")
     m.add_argument("--label", default=None, help="row label in tables (default: the run's current label)")

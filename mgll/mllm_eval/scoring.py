@@ -577,7 +577,8 @@ def merge_run(out: str | os.PathLike, bank: QuestionBank | None = None, label: s
     """Merge a sharded run's part files (:func:`merge_answers`) and write its results, as one process would.
 
     Rank 0 calls it when every shard is done; ``mgll mcq merge`` calls it on a run folder whose
-    shards ran as separate jobs. The bank is read from ``run.json`` unless given, and must be the
+    shards were stopped before that (only once no shard is still writing: the parts are deleted
+    after the merge). A rerun would merge them too, first thing. The bank is read from ``run.json`` unless given, and must be the
     one the answers were scored on.
     """
     out = Path(out)
@@ -593,6 +594,8 @@ def merge_run(out: str | os.PathLike, bank: QuestionBank | None = None, label: s
     done = merge_answers(out, bank)
     if label is None and (out / "results.json").is_file():
         label = json.loads((out / "results.json").read_text(encoding="utf-8")).get("label")
+    if label is None and spec.get("model"):
+        label = Path(spec["model"]).name  # as `mgll mcq run` labels a run by default
     extra = {"shards": shards} if shards else {}
     return _finish(out, bank, spec, done, label, scored_now, len(done) - scored_now, list(skipped_images or []), **extra)
 
