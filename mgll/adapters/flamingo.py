@@ -310,6 +310,55 @@ def flamingo_class():
             logp = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
             return (logp * mask).sum(dim=1).cpu()
 
+        @torch.no_grad()
+        def batch_option_logliks(self, prefix: dict, option_ids: list[list[list[int]]], pad_id: int = 0) -> list[torch.Tensor]:
+            """:meth:`option_logliks` for B left-padded prompts, ``option_ids[b]`` being prompt b's options.
+
+            The prompts run once with positions counted along their masks (the pads before a row's
+            ``<image>`` see no image and are hidden from the real tokens); KV cache, Perceiver latents
+            and media locations are then indexed so that each option continues its own prompt.
+            """
+            vision_x = as_vision_x(prefix.get("pixel_values"))
+            seq = prefix["input_ids"]
+            b = seq.shape[0]
+            if vision_x is None or len(option_ids) != b:
+                raise ValueError(f"batch_option_logliks needs pixel_values and one option list per prompt ({b})")
+            mask = prefix.get("attention_mask")
+            mask = torch.ones_like(seq) if mask is None else mask
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            counts = [len(o) for o in option_ids]
+            rows = torch.repeat_interleave(torch.arange(b, device=seq.device), torch.tensor(counts, device=seq.device))
+            flat = [o for opts in option_ids for o in opts]
+            width = max(len(o) for o in flat)
+            lm = self.lang_encoder
+            lm._use_cached_vision_x = True
+            try:
+                self._encode_vision_x(vision_x)
+                out = lm(input_ids=seq, attention_mask=mask, position_ids=pos, use_cache=True)
+                first = out.logits[:, -1:].float()
+                cache = out["cache"] if "cache" in out else out.get("past_key_values")
+                cache.batch_select_indices(rows)
+                for layer in lm._get_decoder_layers():
+                    layer.condition_vis_x(layer.vis_x[rows])
+                    layer.condition_media_locations(layer.media_locations[rows])
+                ids = torch.full((len(flat), width), pad_id, dtype=torch.long, device=seq.device)
+                keep = torch.zeros((len(flat), width), dtype=torch.bool, device=seq.device)
+                for i, o in enumerate(flat):
+                    ids[i, : len(o)] = torch.tensor(o, device=seq.device)
+                    keep[i, : len(o)] = True
+                logits = first[rows]
+                if width > 1:
+                    full = torch.cat([mask[rows], torch.ones((len(flat), width - 1), dtype=mask.dtype, device=seq.device)], 1)
+                    cont = pos.amax(-1)[rows, None] + 1 + torch.arange(width - 1, device=seq.device)
+                    rest = lm(input_ids=ids[:, :-1], attention_mask=full, position_ids=cont, use_cache=True,
+                              **{_cache_kwarg(lm): cache}).logits.float()
+                    logits = torch.cat([logits, rest], dim=1)
+            finally:
+                lm.clear_conditioned_layers()
+                lm._use_cached_vision_x = False
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            return list((logp * keep).sum(dim=1).cpu().split(counts))
+
         # -- save ------------------------------------------------------------------------------
         def own_state_dict(self) -> dict[str, torch.Tensor]:
             """Tower, bridge, Perceiver and gated cross-attention (one name each); the LM is saved on its own."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-__all__ = ["build_prompt", "encode_prefix", "alignment_batch"]
+__all__ = ["build_prompt", "encode_prefix", "encode_prefixes", "alignment_batch"]
 
 
 def build_prompt(host: str, processor: Any, text: str) -> str:
@@ -49,6 +49,57 @@ def encode_prefix(processor: Any, prompt: str, image: Image.Image, device: torch
         v = v.to(device)
         out[k] = v.to(dtype) if v.is_floating_point() else v
     return out
+
+
+def encode_prefixes(processor: Any, prompts: list[str], images: list[Image.Image], device: torch.device | str,
+                    dtype: torch.dtype) -> dict:
+    """The model inputs for several prompts, one image each, in one processor call, left-padded.
+
+    Left padding puts every row's last real token in the last column, where ``generate`` and a
+    one-logit prefix forward read. Each row is tokenised and each image preprocessed as
+    :func:`encode_prefix` does alone; per-image vision inputs (LLaVA-NeXT tiles + ``image_sizes``,
+    Qwen2-VL patches + ``image_grid_thw``, InternVL tiles) come out of the same call. InstructBLIP's
+    Q-Former ids are moved back to right padding: its BERT embeds *absolute* positions counted from
+    column 0, so a left-padded instruction would shift every real token's position, whereas a
+    right-padded one leaves them as unpadded and the mask hides the pads.
+    """
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} images: give one image per prompt")
+    tok = getattr(processor, "tokenizer", processor)
+    side, pad = tok.padding_side, tok.pad_token
+    tok.padding_side = "left"  # some processors read the tokenizer's attribute rather than the call's keyword
+    if pad is None:  # a checkpoint without a pad token: any id will do under the mask
+        tok.pad_token = tok.eos_token
+    try:
+        enc = processor(text=list(prompts), images=list(images), return_tensors="pt", padding=True, padding_side="left")
+    finally:
+        tok.padding_side = side
+        if pad is None:
+            tok.pad_token = None
+    mask = enc.get("attention_mask")
+    if mask is not None and not bool(mask[:, -1].all()):
+        raise ValueError(f"{type(processor).__name__} did not left-pad the prompts; cannot batch them")
+    if "qformer_input_ids" in enc:
+        qtok = processor.qformer_tokenizer
+        ids, qmask = _right_align(enc["qformer_input_ids"], enc["qformer_attention_mask"], qtok.pad_token_id)
+        enc["qformer_input_ids"], enc["qformer_attention_mask"] = ids, qmask
+    out = {}
+    for k, v in enc.items():
+        if not torch.is_tensor(v):
+            continue
+        v = v.to(device)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def _right_align(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows' real tokens (mask 1) moved to the start, pads after them, order kept."""
+    new_ids, new_mask = torch.full_like(ids, pad_id), torch.zeros_like(mask)
+    for i in range(ids.shape[0]):
+        real = ids[i][mask[i].bool()]
+        new_ids[i, : real.numel()] = real
+        new_mask[i, : real.numel()] = 1
+    return new_ids, new_mask
 
 
 def alignment_batch(host: str, processor: Any, images: list, instructions: list[str], targets: list[str],

@@ -1,4 +1,4 @@
-"""``mgll mcq build|run|compare|export|import``; wired into ``mgll/cli.py`` with ``register(sub)``."""
+"""``mgll mcq build|run|merge|compare|export|import``; wired into ``mgll/cli.py`` with ``register(sub)``."""
 
 from __future__ import annotations
 
@@ -24,20 +24,40 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _print_run(res: dict, out: str) -> None:
     from mgll.mllm_eval.report import compare_table
-    from mgll.mllm_eval.scoring import run_mcq
 
+    print(compare_table([res]), end="")
+    run = res["run"]
+    shards = f" by {run['shards']} processes" if run.get("shards") else ""
+    print(f"scored {run['scored_now']} prompts now{shards}, {run['cached']} from the cache; "
+          f"{len(res['failures'])} extraction failures, {len(res['skipped_images'])} unreadable images")
+    print(f"results: {Path(out) / 'results.json'}, {Path(out) / 'results.md'}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mgll.mllm_eval.scoring import launch_env, run_mcq
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: expected a whole number >= 1")
     res = run_mcq(
         args.host, args.model, args.bank, args.out, mode=args.mode, align_dir=args.align, data_root=args.data,
         max_new_tokens=args.max_new_tokens, device=args.device, label=args.label or Path(args.model).name,
-        progress=not args.no_progress,
+        progress=not args.no_progress, batch_size=args.batch_size,
     )
-    print(compare_table([res]), end="")
-    run = res["run"]
-    print(f"scored {run['scored_now']} prompts now, {run['cached']} from the cache; "
-          f"{len(res['failures'])} extraction failures, {len(res['skipped_images'])} unreadable images")
-    print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}")
+    if launch_env()[0] == 0:  # under a launcher every process returns the merged results; one prints them
+        _print_run(res, args.out)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from mgll.mllm_eval.question_bank import load_bank
+    from mgll.mllm_eval.scoring import merge_run
+
+    if not Path(args.out).is_dir():
+        raise FileNotFoundError(f"{args.out}: no such run folder")
+    res = merge_run(args.out, load_bank(args.bank) if args.bank else None, label=args.label)
+    _print_run(res, args.out)
     return 0
 
 
@@ -133,9 +153,18 @@ def register(sub) -> None:
     r.add_argument("--label", default=None, help="row label in tables (default: the model folder name); "
                                                   "name a swapped run 'X + MGLL' to pair it with run 'X'")
     r.add_argument("--max-new-tokens", type=int, default=16, help="generate mode only")
-    r.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    r.add_argument("--batch-size", type=int, default=1,
+                   help="prompts per forward (left-padded, one image each); answers equal batch size 1's")
+    r.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available; cuda:LOCAL_RANK under a launcher)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_run)
+
+    m = mcq.add_parser("merge", help="merge a stopped sharded run's answers.part-*.jsonl into answers.jsonl and write "
+                                     "its results (rank 0 does this itself at the end of `accelerate launch` / `torchrun`)")
+    m.add_argument("out", help="run folder of `mgll mcq run`")
+    m.add_argument("--bank", default=None, help="question bank (default: the one in run.json)")
+    m.add_argument("--label", default=None, help="row label in tables (default: the run's current label)")
+    m.set_defaults(func=_cmd_merge)
 
     c = mcq.add_parser("compare", help="Table 2 layout: per-disease accuracy, average and + MGLL deltas with paired "
                                      "bootstrap CIs, and a bar chart")
