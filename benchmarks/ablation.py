@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from mgll.data.synthetic import make_synthetic
-from mgll.encoder.probe import run_probe
 from mgll.encoder.trainer import train
+from mgll.evaluate.probe import run_probe
 from mgll.io import atomic_write_json, atomic_write_text
 from mgll.quickstart import quickstart_config
 

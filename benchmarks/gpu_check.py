@@ -170,7 +170,7 @@ def _llava_7b_shaped(out: Path, lm_layers: int, smoke: bool) -> Path:
         LlavaProcessor,
     )
 
-    from mgll.adapters.tiny import build_word_tokenizer
+    from mgll.testing.tiny import build_word_tokenizer
 
     if (out / "config.json").is_file():
         return out

@@ -1,6 +1,6 @@
 """Questions/s of ``mgll mcq`` scoring: the shared-prefix KV cache vs one forward per option, and batch 1 vs 8.
 
-Model: a random-init LLaVA built by ``mgll.adapters.tiny.make_tiny_llava`` whose CLIP tower sees
+Model: a random-init LLaVA built by ``mgll.testing.tiny.make_tiny_llava`` whose CLIP tower sees
 336 px images in 14 px patches, i.e. 24x24 = 576 image tokens as LLaVA-1.5 gives the LM; the
 LM is small (width/depth set below) so the run fits a CPU. Questions: a ten-disease bank
 (4 options) from synthetic fundus images.
@@ -39,7 +39,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mgll.adapters.tiny import make_tiny_llava  # noqa: E402
 from mgll.data import FUNDUS_DISEASES, make_synthetic  # noqa: E402
 from mgll.io import atomic_write_json, atomic_write_text  # noqa: E402
 from mgll.mllm_eval.question_bank import QUESTION, build_bank  # noqa: E402
@@ -54,6 +53,7 @@ from mgll.mllm_eval.scoring import (  # noqa: E402
     score_variant,
     score_variants,
 )
+from mgll.testing.tiny import make_tiny_llava  # noqa: E402
 
 
 def _score_all(method, model, processor, items, device):

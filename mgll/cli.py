@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_builders(sub)
 
-    from mgll.encoder.eval_cli import register as register_probe_compare
-    from mgll.encoder.eval_cli_b import register as register_zeroshot_finetune
+    from mgll.evaluate.probe_compare_cli import register as register_probe_compare
+    from mgll.evaluate.zeroshot_finetune_cli import register as register_zeroshot_finetune
 
     register_probe_compare(sub)
 

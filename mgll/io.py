@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "check_out_free"]
 
 
 @contextlib.contextmanager
@@ -66,3 +66,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def check_out_free(out: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Nothing a user made is deleted without asking: an existing ``out`` needs ``overwrite``."""
+    out = Path(out)
+    if overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    raise FileExistsError(f"--out {out}: already exists and is not empty; pass {flag} to replace it")

@@ -43,9 +43,9 @@ def run_quickstart(
     mcq_steps: int = 1500,
 ) -> dict:
     from mgll.data.synthetic import make_synthetic
-    from mgll.encoder.compare import compare_runs, compare_verdict
-    from mgll.encoder.probe import run_probe
     from mgll.encoder.trainer import train
+    from mgll.evaluate.compare import compare_runs, compare_verdict
+    from mgll.evaluate.probe import run_probe
     from mgll.mllm_eval.report import mcq_verdict
     from mgll.model_card import add_results
 

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from mgll.adapters.align import AlignConfig, align, load_aligned, record_caption
 from mgll.adapters.cli import register
 from mgll.adapters.swap import load_swapped, swap
-from mgll.adapters.tiny import make_tiny_llava
 from mgll.data import make_synthetic
 from mgll.encoder.factory import create_encoder, save_encoder
+from mgll.testing.tiny import make_tiny_llava
 
 LEVELS = ["status", "disease"]
 

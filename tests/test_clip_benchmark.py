@@ -88,7 +88,7 @@ def runs(tmp_path_factory, clipbench_python):
 
 def _test_split(runs):
     from mgll.data import load_dataset
-    from mgll.encoder.tasks import make_task, task_records, task_targets
+    from mgll.evaluate.tasks import make_task, task_records, task_targets
 
     ds = load_dataset(runs["data"])
     task = make_task(ds, LEVEL)
@@ -98,7 +98,7 @@ def _test_split(runs):
 
 def test_zero_shot_figures_equal_mgll_zeroshot(runs):
     from mgll.encoder.factory import create_encoder
-    from mgll.encoder.zeroshot import build_classifier
+    from mgll.evaluate.zeroshot import build_classifier
 
     ds, task, recs, y = _test_split(runs)
     ours = json.loads((runs["root"] / "zs" / "metrics.json").read_text())["results"][LEVEL]
@@ -123,7 +123,7 @@ def test_zero_shot_figures_equal_mgll_zeroshot(runs):
 
 
 def test_clip_benchmark_reads_mgll_pixels_labels_and_order(runs):
-    from mgll.encoder.features import extract_features
+    from mgll.evaluate.features import extract_features
 
     ds, task, recs, y = _test_split(runs)
     (feature_dir,) = (runs["root"] / "features").iterdir()

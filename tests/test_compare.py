@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from mgll.encoder.compare import compare_runs
-from mgll.encoder.eval_cli import register
-from mgll.encoder.metrics import evaluate_scores
-from mgll.encoder.reports import markdown_table, read_metrics, write_report
-from mgll.encoder.tasks import Task
+from mgll.evaluate.compare import compare_runs
+from mgll.evaluate.metrics import evaluate_scores
+from mgll.evaluate.probe_compare_cli import register
+from mgll.evaluate.reports import markdown_table, read_metrics, write_report
+from mgll.evaluate.tasks import Task
 
 CLASSES = ["cataract", "glaucoma", "myopia", "absent"]
 

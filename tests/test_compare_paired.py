@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mgll.encoder.compare import compare_runs, compare_verdict
-from mgll.encoder.compare_seeds import compare_seeds
-from mgll.encoder.eval_cli import register
-from mgll.encoder.metrics import evaluate_scores
-from mgll.encoder.reports import write_report
-from mgll.encoder.scores import write_scores
-from mgll.encoder.tasks import Task
+from mgll.evaluate.compare import compare_runs, compare_verdict
+from mgll.evaluate.compare_seeds import compare_seeds
+from mgll.evaluate.metrics import evaluate_scores
+from mgll.evaluate.probe_compare_cli import register
+from mgll.evaluate.reports import write_report
+from mgll.evaluate.scores import write_scores
+from mgll.evaluate.tasks import Task
 from mgll.verdict import fmt_signed, verdict
 
 CLASSES = ["cataract", "glaucoma", "myopia", "absent"]

@@ -11,7 +11,7 @@ from transformers import AutoProcessor, CLIPImageProcessor, LlavaForConditionalG
 
 from mgll.adapters.cli import register
 from mgll.adapters.convert_llava import LlavaConversionError, convert_llava, rename_key
-from mgll.adapters.tiny import make_tiny_llava
+from mgll.testing.tiny import make_tiny_llava
 
 torch.set_num_threads(1)
 

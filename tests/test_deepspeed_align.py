@@ -35,9 +35,9 @@ def _align(root, out, logits, *extra, nproc=2):
 def zero3_run(tmp_path_factory):
     from mgll.adapters.align import record_caption
     from mgll.adapters.swap import swap
-    from mgll.adapters.tiny import make_tiny_llava
     from mgll.data import make_synthetic
     from mgll.encoder.factory import create_encoder, save_encoder
+    from mgll.testing.tiny import make_tiny_llava
 
     root = tmp_path_factory.mktemp("ds_align")
     ds = make_synthetic(root / "data", kind="fundus", n=24, size=64, seed=1)

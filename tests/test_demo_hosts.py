@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mgll.adapters import tiny
 from mgll.adapters.swap import swap
 from mgll.data import FUNDUS_DISEASES
 from mgll.demo.backend import MllmSide
 from mgll.encoder.factory import create_encoder, save_encoder
 from mgll.mllm_eval.question_bank import QUESTION
 from mgll.mllm_eval.scoring import INSTRUCTION, option_text
+from mgll.testing import tiny
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ from open_clip.transformer import VisionTransformer
 from transformers import CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from mgll.adapters.cli import register
-from mgll.adapters.export_hf import clip_vision_config, to_hf_clip_vision
+from mgll.adapters.clip_vision import clip_vision_config, to_hf_clip_vision
 from mgll.encoder.factory import create_encoder, save_encoder
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mgll.encoder.finetune import (
+from mgll.evaluate.finetune import (
     FinetuneModel,
     _Labelled,
     _loss,
@@ -18,7 +18,7 @@ from mgll.encoder.finetune import (
     finetune,
     fit_head_on_frozen_features,
 )
-from mgll.encoder.tasks import Task
+from mgll.evaluate.tasks import Task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,7 +130,7 @@ def test_bad_level_and_classes_are_clear_errors(fundus_dataset, tmp_path):
 
 
 def test_cli_multilabel_finetune_with_classes(fundus_dataset, tmp_path, capsys):
-    from mgll.encoder.eval_cli_b import register
+    from mgll.evaluate.zeroshot_finetune_cli import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
@@ -150,7 +150,7 @@ def test_probe_head_init_fits_the_head_and_leaves_the_tower_alone(fundus_dataset
     from torch.utils.data import DataLoader
 
     from mgll.encoder.factory import create_encoder
-    from mgll.encoder.tasks import make_task, task_targets
+    from mgll.evaluate.tasks import make_task, task_targets
 
     torch.manual_seed(0)
     clip, _, preprocess, _, _ = create_encoder("mgll-tiny-vit")

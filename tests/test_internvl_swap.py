@@ -9,8 +9,8 @@ from transformers import AutoProcessor, InternVLForConditionalGeneration
 
 from mgll.adapters.hosts import ShapeMismatch, get_host, list_hosts
 from mgll.adapters.swap import swap_model
-from mgll.adapters.tiny import make_tiny_internvl
 from mgll.encoder.factory import create_encoder
+from mgll.testing.tiny import make_tiny_internvl
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import host_checks as hc  # noqa: E402

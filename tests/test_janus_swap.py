@@ -11,8 +11,8 @@ from transformers import AutoProcessor, JanusForConditionalGeneration
 from mgll.adapters.hosts import ShapeMismatch, get_host, list_hosts
 from mgll.adapters.hosts.janus import GENERATION_PATHS
 from mgll.adapters.swap import swap_model
-from mgll.adapters.tiny import make_tiny_janus
 from mgll.encoder.factory import create_encoder
+from mgll.testing.tiny import make_tiny_janus
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import host_checks as hc  # noqa: E402

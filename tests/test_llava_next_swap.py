@@ -10,8 +10,8 @@ from transformers import LlavaNextForConditionalGeneration
 from mgll.adapters.hosts import ShapeMismatch, get_host, list_hosts
 from mgll.adapters.hosts.llava_next import rescale_pinpoints
 from mgll.adapters.swap import swap_model
-from mgll.adapters.tiny import make_tiny_llava_next
 from mgll.encoder.factory import create_encoder
+from mgll.testing.tiny import make_tiny_llava_next
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import host_checks as hc  # noqa: E402

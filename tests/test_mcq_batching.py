@@ -80,8 +80,8 @@ def _model(host, root):
     if host == "medflamingo":
         pytest.importorskip("open_flamingo", reason="run scripts/install_open_flamingo.sh")
         from mgll.adapters.swap import swap
-        from mgll.adapters.tiny import make_tiny_flamingo
         from mgll.encoder.factory import create_encoder, save_encoder
+        from mgll.testing.tiny import make_tiny_flamingo
 
         if not (root / "medflamingo").exists():
             make_tiny_flamingo(root / "flamingo-src", WORDS, vision_width=32, image_size=32, patch_size=8, num_latents=8)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from mgll.adapters.cli import register as register_adapters
-from mgll.adapters.tiny import make_tiny_llava
 from mgll.data import FUNDUS_DISEASES, make_synthetic
 from mgll.encoder.factory import create_encoder, save_encoder
 from mgll.mllm_eval.cli import register
 from mgll.mllm_eval.question_bank import QUESTION, load_bank
+from mgll.testing.tiny import make_tiny_llava
 
 torch.set_num_threads(1)
 

@@ -9,14 +9,6 @@ import torch
 from PIL import Image
 
 import mgll.mllm_eval.scoring as scoring
-from mgll.adapters.tiny import (
-    make_tiny_instructblip,
-    make_tiny_internvl,
-    make_tiny_janus,
-    make_tiny_llava,
-    make_tiny_llava_next,
-    make_tiny_qwen2_vl,
-)
 from mgll.data import FUNDUS_DISEASES, make_synthetic
 from mgll.mllm_eval.extract import extract_answer
 from mgll.mllm_eval.question_bank import QUESTION, build_bank
@@ -30,6 +22,14 @@ from mgll.mllm_eval.scoring import (
     option_text,
     read_answers,
     run_bank,
+)
+from mgll.testing.tiny import (
+    make_tiny_instructblip,
+    make_tiny_internvl,
+    make_tiny_janus,
+    make_tiny_llava,
+    make_tiny_llava_next,
+    make_tiny_qwen2_vl,
 )
 
 torch.set_num_threads(1)
@@ -161,8 +161,8 @@ def test_prompt_uses_the_processors_chat_template_when_it_has_one(llava):
 def test_medflamingo_loglik_equals_one_forward_per_option_and_runs_a_bank(bank, root):
     pytest.importorskip("open_flamingo", reason="run scripts/install_open_flamingo.sh")
     from mgll.adapters.swap import swap
-    from mgll.adapters.tiny import make_tiny_flamingo
     from mgll.encoder.factory import create_encoder, save_encoder
+    from mgll.testing.tiny import make_tiny_flamingo
 
     make_tiny_flamingo(root / "flamingo-src", WORDS, vision_width=32, image_size=32, patch_size=8, num_latents=8)
     torch.manual_seed(0)

@@ -10,11 +10,11 @@ import torch
 pytest.importorskip("open_flamingo", reason="run scripts/install_open_flamingo.sh")
 
 from mgll.adapters.align import load_aligned  # noqa: E402
-from mgll.adapters.flamingo import load_flamingo, make_bridge  # noqa: E402
 from mgll.adapters.hosts import ShapeMismatch, get_host, list_hosts  # noqa: E402
+from mgll.adapters.hosts.medflamingo.model import load_flamingo, make_bridge  # noqa: E402
 from mgll.adapters.swap import swap_model  # noqa: E402
-from mgll.adapters.tiny import make_tiny_flamingo  # noqa: E402
 from mgll.encoder.factory import create_encoder  # noqa: E402
+from mgll.testing.tiny import make_tiny_flamingo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import host_checks as hc  # noqa: E402

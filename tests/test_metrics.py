@@ -7,8 +7,8 @@ import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 from mgll.data.records import DatasetCard, Level, MultiGranularDataset, Record, RecordError
-from mgll.encoder.metrics import evaluate_scores
-from mgll.encoder.tasks import Task, make_task, task_records, task_targets
+from mgll.evaluate.metrics import evaluate_scores
+from mgll.evaluate.tasks import Task, make_task, task_records, task_targets
 
 
 def _ds(label_sets):

@@ -241,8 +241,8 @@ def test_record_dataset_names_the_file_where_pil_bombs(tmp_path, monkeypatch):
 
 
 def test_probe_features_skip_and_list_an_oversized_image(fundus_dataset, tiny_encoder, tmp_path, monkeypatch):
-    from mgll.encoder.features import extract_features
-    from mgll.encoder.probe import run_probe
+    from mgll.evaluate.features import extract_features
+    from mgll.evaluate.probe import run_probe
 
     root = tmp_path / "ds"
     recs = copy_records(fundus_dataset, root)

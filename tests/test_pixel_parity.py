@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mgll.adapters import tiny
 from mgll.adapters.hosts import get_host
 from mgll.adapters.swap import load_processor, load_swapped, read_swap_spec
 from mgll.cli import main
 from mgll.encoder.factory import create_encoder, save_encoder
 from mgll.mllm_eval.scoring import build_prompt, encode_prefix
+from mgll.testing import tiny
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from stock_models import build_stock  # noqa: E402  (tiny models from transformers' own classes, each release's processor)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from helpers.dataset_copy import copy_records
 
-import mgll.encoder.features as features_mod
+import mgll.evaluate.features as features_mod
 from mgll.data.records import load_dataset
-from mgll.encoder.eval_cli import register
 from mgll.encoder.factory import save_encoder
-from mgll.encoder.metrics import evaluate_scores
-from mgll.encoder.probe import fit_head, fraction_indices, indicator, run_probe
-from mgll.encoder.tasks import Task, make_task, task_targets
+from mgll.evaluate.metrics import evaluate_scores
+from mgll.evaluate.probe import fit_head, fraction_indices, indicator, run_probe
+from mgll.evaluate.probe_compare_cli import register
+from mgll.evaluate.tasks import Task, make_task, task_targets
 
 # ----------------------------------------------------------------------------- heads on separable features
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from mgll.encoder.compare import compare_runs
 from mgll.encoder.factory import create_encoder, save_encoder
-from mgll.encoder.probe import run_probe
-from mgll.encoder.scores import read_scores
+from mgll.evaluate.compare import compare_runs
+from mgll.evaluate.probe import run_probe
+from mgll.evaluate.scores import read_scores
 
 
 def _encoder(root, seed):

@@ -12,8 +12,8 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 from mgll.adapters.cli import register
 from mgll.adapters.hosts import ShapeMismatch, get_host, list_hosts
 from mgll.adapters.swap import swap_model
-from mgll.adapters.tiny import make_tiny_qwen2_vl
 from mgll.encoder.factory import create_encoder
+from mgll.testing.tiny import make_tiny_qwen2_vl
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import host_checks as hc  # noqa: E402

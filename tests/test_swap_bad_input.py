@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mgll.adapters import tiny
 from mgll.cli import main
 from mgll.encoder.factory import create_encoder, save_encoder
+from mgll.testing import tiny
 
 TEXTS = ["describe the image"]
 

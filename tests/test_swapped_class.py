@@ -5,8 +5,8 @@ import torch
 
 from mgll.adapters.hosts import get_host
 from mgll.adapters.swap import swap_model
-from mgll.adapters.tiny import make_tiny_instructblip, make_tiny_janus, make_tiny_qwen2_vl
 from mgll.encoder.factory import create_encoder
+from mgll.testing.tiny import make_tiny_instructblip, make_tiny_janus, make_tiny_qwen2_vl
 
 # host -> (modelling module, the stock tower class the stock __init__ builds, where the MGLL tower sits)
 STOCK_TOWER = {

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mgll.data.records import Record, RecordError
 from mgll.encoder.factory import create_encoder
 from mgll.encoder.text_encoding import encode_texts
-from mgll.encoder.zeroshot import (
+from mgll.evaluate.zeroshot import (
     bound_by_parents,
     build_classifier,
     class_scores,
@@ -161,8 +161,8 @@ def test_bad_template_and_bad_split_are_clear_errors(fundus_dataset, tiny):
 
 
 def test_cli_writes_metrics_markdown_and_scores(fundus_dataset, tmp_path, capsys):
-    pytest.importorskip("mgll.encoder.reports")
-    from mgll.encoder.eval_cli_b import register
+    pytest.importorskip("mgll.evaluate.reports")
+    from mgll.evaluate.zeroshot_finetune_cli import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

@@ -189,7 +189,7 @@ def convert_llava(src: str | os.PathLike, out: str | os.PathLike, vision_tower: 
     An existing non-empty ``out`` is replaced only with ``overwrite``."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-    from mgll.adapters.swap import check_out_free
+    from mgll.io import check_out_free
 
     src, out = Path(src), Path(out)
     check_out_free(out, overwrite)

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from mgll.adapters.align import ADAPTER_DIR, load_aligned
-from mgll.adapters.swap import SWAP_SPEC, check_out_free, read_swap_spec
-from mgll.io import atomic_path, atomic_write_json
+from mgll.adapters.swap import SWAP_SPEC, read_swap_spec
+from mgll.io import atomic_path, atomic_write_json, check_out_free
 from mgll.model_card import aligned_card, write_card
 
 __all__ = ["export_aligned"]

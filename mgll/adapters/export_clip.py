@@ -44,7 +44,7 @@ import torch
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 
-from mgll.adapters.export_hf import EXPORT_SPEC, clip_vision_config, convert_state_dict
+from mgll.adapters.clip_vision import EXPORT_SPEC, clip_vision_config, convert_state_dict
 from mgll.adapters.preprocess import RESAMPLE, preprocess_cfg_of
 from mgll.io import atomic_path, atomic_write_json
 

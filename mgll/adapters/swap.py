@@ -22,7 +22,7 @@ from torch import nn
 
 from mgll.adapters.hosts import ShapeMismatch, get_host
 from mgll.adapters.source_check import check_source
-from mgll.io import atomic_path, atomic_write_json
+from mgll.io import atomic_path, atomic_write_json, check_out_free
 from mgll.model_card import swap_card, write_card
 
 __all__ = ["SWAP_SPEC", "check_out_free", "load_processor", "swap", "swap_model", "load_swapped", "save_projector", "load_projector", "read_swap_spec"]
@@ -111,14 +111,6 @@ def swap(
         atomic_write_json(tmp / SWAP_SPEC, spec)
         write_card(tmp, swap_card(tmp, spec))
     return out
-
-
-def check_out_free(out: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> None:
-    """Nothing a user made is deleted without asking: an existing ``out`` needs ``overwrite``."""
-    out = Path(out)
-    if overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    raise FileExistsError(f"--out {out}: already exists and is not empty; pass {flag} to replace it")
 
 
 def read_swap_spec(path: str | os.PathLike) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .pixel_budget import ImageTooLargeError, check_dicom_header
 
-__all__ = ["MAX_HEADER_BYTES", "check_dicom_budget", "read_dicom_header"]
+__all__ = ["MAX_HEADER_BYTES", "DicomPixelError", "check_dicom_budget", "read_dicom_header"]
 
 MAX_HEADER_BYTES = 64 * 2**20  # elements before Pixel Data (overlays, private blobs) beyond this mean a hostile file
 _CHUNK = 64 * 1024
@@ -111,6 +111,14 @@ def read_dicom_header(path: str | os.PathLike):
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
+class DicomPixelError(ValueError):
+    """A DICOM file whose pixels cannot be (or may not be) turned into an image; ``reason`` is a stable code for rejected lists."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def check_dicom_budget(path: str | os.PathLike, max_pixels: int | None = None) -> int | None:
     """Header-only budget check of a DICOM file: call it before reading the file whole.
 
@@ -119,8 +127,6 @@ def check_dicom_budget(path: str | os.PathLike, max_pixels: int | None = None) -
     header cannot be read (not DICOM, cut short, no Rows/Columns): the full read that follows is the
     one that classifies such files, so this check never invents a second verdict for them.
     """
-    from .dicom_pixels import DicomPixelError
-
     try:
         with warnings.catch_warnings():  # pydicom's warnings quote header values; the full read reports problems
             warnings.simplefilter("ignore")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .dicom_header import DicomPixelError, check_dicom_budget  # noqa: F401  (DicomPixelError re-exported)
 from .pixel_budget import ImageTooLargeError, check_dicom_header
 
 __all__ = [
@@ -34,20 +35,10 @@ GRAY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 PERCENTILES = (0.5, 99.5)  # robust window when the file carries none: ignores collimator edges and burnt-in text
 
 
-class DicomPixelError(ValueError):
-    """A file whose pixels cannot be turned into an image; ``reason`` is a stable code for rejected lists."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 def _read(ds_or_path, max_pixels: int | None = None):
     """A path is read header-first (mgll.data.dicom_header), so an over-budget file is never inflated."""
     if isinstance(ds_or_path, (str, os.PathLike)):
         import pydicom
-
-        from .dicom_header import check_dicom_budget
 
         check_dicom_budget(Path(ds_or_path), max_pixels)
         return pydicom.dcmread(Path(ds_or_path))

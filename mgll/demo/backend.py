@@ -50,8 +50,8 @@ __all__ = [
 
 def resolve_host(model_dir: str | os.PathLike, host: str | None = None) -> str:
     """The host family of a checkpoint: its ``mgll_swap.json``, else ``host``, else config.json's model_type."""
-    from mgll.adapters.flamingo import FLAMINGO_CONFIG
     from mgll.adapters.hosts import get_host, list_hosts
+    from mgll.adapters.hosts.medflamingo.model import FLAMINGO_CONFIG
 
     d = Path(model_dir)
     spec = d / "mgll_swap.json"

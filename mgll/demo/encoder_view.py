@@ -100,8 +100,8 @@ class EncoderView:
     def __init__(self, encoder: str | os.PathLike, data: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         from mgll.data import load_dataset
         from mgll.encoder.factory import create_encoder, resolve_encoder_dir
-        from mgll.encoder.tasks import make_task
-        from mgll.encoder.zeroshot import build_classifier
+        from mgll.evaluate.tasks import make_task
+        from mgll.evaluate.zeroshot import build_classifier
 
         if resolve_encoder_dir(encoder) is None:
             raise FileNotFoundError(f"{encoder}: no open_clip_config.json here or in {encoder}/encoder; expected an MGLL run or encoder folder")
@@ -145,7 +145,7 @@ class EncoderView:
 
     @torch.no_grad()
     def level_probs(self, image: Image.Image) -> list[LevelProbs]:
-        from mgll.encoder.zeroshot import class_scores
+        from mgll.evaluate.zeroshot import class_scores
 
         feats = self.model.encode_image(self._pixels(image), normalize=True).float().cpu()
         out = []

@@ -139,7 +139,7 @@ def run_mcq_demo(
     still answers from its priors (the image has not taken hold yet).
     """
     from mgll.adapters.swap import SWAP_SPEC, load_swapped, swap
-    from mgll.adapters.tiny import make_tiny_llava
+    from mgll.testing.tiny import make_tiny_llava
 
     out = Path(out)
     ds = load_dataset(data)

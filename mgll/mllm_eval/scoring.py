@@ -39,6 +39,7 @@ from mgll.adapters.prompts import (  # one prompt layout for alignment and infer
 )
 from mgll.data.pixel_budget import load_rgb
 from mgll.io import atomic_write_json, atomic_write_text
+from mgll.mllm_eval.answers import ANSWERS_FILE, PART_GLOB, read_answers
 from mgll.mllm_eval.extract import extract_answer
 from mgll.mllm_eval.question_bank import (
     INSTRUCTION,
@@ -75,8 +76,6 @@ __all__ = [
 ]
 
 MODES = ("loglik", "generate")
-ANSWERS_FILE = "answers.jsonl"
-PART_GLOB = "answers.part-*-of-*.jsonl"
 RUN_FILE = "run.json"
 # hosts whose top-level forward always re-encodes the image: continue through their LM instead
 _CONTINUE_VIA_LM = {"instructblip"}
@@ -382,31 +381,6 @@ def load_model(host: str, model_dir: str | os.PathLike, align_dir: str | os.Path
 def part_name(rank: int, world: int) -> str:
     """Process ``rank``'s answers file in a run sharded over ``world`` processes."""
     return f"answers.part-{rank}-of-{world}.jsonl"
-
-
-def _read_rows(path: Path, done: dict[tuple[str, int], dict]) -> None:
-    if not path.is_file():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done.setdefault((row["qid"], int(row["rotation"])), row)
-
-
-def read_answers(out: str | os.PathLike) -> dict[tuple[str, int], dict]:
-    """Answered variants: ``answers.jsonl`` and any shard part files not merged yet.
-
-    A torn last line (the run died mid-write) is ignored and rescored. Parts of any shard count
-    are read, so a sharded run resumes under another process count (or a single process).
-    """
-    out = Path(out)
-    done: dict[tuple[str, int], dict] = {}
-    for path in [out / ANSWERS_FILE, *sorted(out.glob(PART_GLOB))]:
-        _read_rows(path, done)
-    return done
 
 
 def merge_answers(out: str | os.PathLike, bank: QuestionBank) -> dict[tuple[str, int], dict]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mgll.adapters.export_hf import _visual_of
+from mgll.adapters.clip_vision import _visual_of
 from mgll.adapters.preprocess import build_image_processor, preprocess_cfg_of
 
 SELECT_FEATURES = ("patch", "cls_patch")

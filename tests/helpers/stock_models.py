@@ -1,6 +1,6 @@
-"""Tiny random-init MLLMs built the way the released checkpoints are, independent of `mgll.adapters.tiny`.
+"""Tiny random-init MLLMs built the way the released checkpoints are, independent of `mgll.testing.tiny`.
 
-`mgll.adapters.tiny` builds its test models with the project's own helpers, and those have hidden bugs before
+`mgll.testing.tiny` builds its test models with the project's own helpers, and those have hidden bugs before
 (its Qwen2-VL used BOS as `vision_start_token_id`, so batches missing `<|vision_start|>` looked right). The
 builders here use only transformers' config, model, processor and image-processor classes, and mirror each
 released checkpoint's conventions: the real special-token strings as distinct added tokens with their own ids

@@ -2,37 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from mgll.adapters.hosts.base import Host, ShapeMismatch, get_module
+from mgll.adapters.hosts.registry import get_host, list_hosts, register_host
 
 __all__ = ["register_host", "get_host", "list_hosts", "Host", "ShapeMismatch", "get_module"]
-
-_HOSTS: dict[str, type[Host]] = {}
-
-
-def register_host(name: str) -> Callable[[type[Host]], type[Host]]:
-    """Class decorator (TinyLLaVA_Factory style): ``@register_host("llava") class LlavaHost(Host): ...``."""
-
-    def wrap(cls: type[Host]) -> type[Host]:
-        if name in _HOSTS and _HOSTS[name] is not cls:
-            raise ValueError(f"host {name!r} registered twice ({_HOSTS[name].__name__}, {cls.__name__})")
-        cls.name = name
-        _HOSTS[name] = cls
-        return cls
-
-    return wrap
-
-
-def list_hosts() -> list[str]:
-    return sorted(_HOSTS)
-
-
-def get_host(name: str) -> Host:
-    if name not in _HOSTS:
-        raise ValueError(f"unknown host {name!r}; known hosts: {', '.join(list_hosts())}")
-    return _HOSTS[name]()
-
 
 # host modules register themselves on import
 from mgll.adapters.hosts import instructblip as _instructblip  # noqa: E402,F401

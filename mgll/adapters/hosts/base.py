@@ -244,7 +244,7 @@ class Host:
         ``put_tower`` is the host's part (where the tower goes, which config fields describe it, the
         projector at its width). Hosts with a remote-code class then become that class in place.
         """
-        from mgll.adapters.export_hf import to_hf_clip_vision
+        from mgll.adapters.clip_vision import to_hf_clip_vision
 
         if projector_init not in self.projector_inits:
             if len(self.projector_inits) == 1:

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
     Host,
     ShapeMismatch,
@@ -41,6 +40,7 @@ from mgll.adapters.hosts.base import (
     mgll_part,
     vit_spec,
 )
+from mgll.adapters.hosts.registry import register_host
 
 __all__ = ["InstructBlipHost"]
 

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
     Host,
     ShapeMismatch,
@@ -36,6 +35,7 @@ from mgll.adapters.hosts.base import (
     vit_spec,
     zero_init_last,
 )
+from mgll.adapters.hosts.registry import register_host
 
 __all__ = ["InternVLHost"]
 

@@ -1,6 +1,6 @@
 """LLaVA-1.5 and LLaVA-Med (same architecture) on transformers' ``LlavaForConditionalGeneration``.
 
-The MGLL tower goes in as a plain ``CLIPVisionModel`` (see :mod:`mgll.adapters.export_hf`), so
+The MGLL tower goes in as a plain ``CLIPVisionModel`` (see :mod:`mgll.adapters.clip_vision`), so
 the saved model is a stock LLaVA checkpoint with a different ``vision_config``. LLaVA feeds the
 projector ``hidden_states[vision_feature_layer]`` of the tower, minus the class token under the
 ``default`` strategy: ``grid**2`` image tokens per image.
@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import (
     PROJECTOR_INITS,
     Host,
@@ -25,6 +24,7 @@ from mgll.adapters.hosts.base import (
     vit_spec,
     zero_init_last,
 )
+from mgll.adapters.hosts.registry import register_host
 from mgll.adapters.preprocess import (
     mgll_image_processor,
     preprocess_cfg_of,

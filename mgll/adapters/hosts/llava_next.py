@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import ShapeMismatch
 from mgll.adapters.hosts.llava import LlavaHost
+from mgll.adapters.hosts.registry import register_host
 
 __all__ = ["LlavaNextHost", "rescale_pinpoints", "anyres_token_count"]
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mgll.adapters.hosts import register_host
 from mgll.adapters.hosts.base import Host, ShapeMismatch, mgll_part, resolve_tokenizer
+from mgll.adapters.hosts.registry import register_host
 
 __all__ = ["MedFlamingoHost", "require_open_flamingo"]
 
@@ -55,13 +55,13 @@ class MedFlamingoHost(Host):
 
     def __init__(self) -> None:
         # swapped folders carry a MgllFlamingoProcessor; make AutoProcessor (align, load_swapped) find it
-        from mgll.adapters.flamingo_processor import register_auto_processor
+        from mgll.adapters.hosts.medflamingo.processor import register_auto_processor
 
         register_auto_processor()
 
     def model_class(self):
         require_open_flamingo()
-        from mgll.adapters.flamingo import flamingo_class
+        from mgll.adapters.hosts.medflamingo.model import flamingo_class
 
         return flamingo_class()
 
@@ -74,16 +74,16 @@ class MedFlamingoHost(Host):
     def load_source(self, mllm: str | os.PathLike, dtype: torch.dtype | None = None):
         """``(model, processor, tokenizer)`` from a Flamingo folder (``flamingo_config.json``, LM folder, checkpoint)."""
         require_open_flamingo()
-        from mgll.adapters.flamingo import load_flamingo
+        from mgll.adapters.hosts.medflamingo.model import load_flamingo
 
         model, tokenizer = load_flamingo(mllm, dtype=dtype)
         return model, None, tokenizer
 
     def _model(self, model: nn.Module):
-        from mgll.adapters.flamingo import MgllFlamingoTower, flamingo_class
+        from mgll.adapters.hosts.medflamingo.model import MgllFlamingoTower, flamingo_class
 
         if not isinstance(model, flamingo_class()):
-            raise TypeError(f"medflamingo host needs an MgllFlamingo (mgll.adapters.flamingo), got {type(model).__name__}")
+            raise TypeError(f"medflamingo host needs an MgllFlamingo (mgll.adapters.hosts.medflamingo.model), got {type(model).__name__}")
         mgll_part(model, "vision_encoder", MgllFlamingoTower)
         return model
 
@@ -135,8 +135,8 @@ class MedFlamingoHost(Host):
     # -- swap ----------------------------------------------------------------------------------
     def replace_tower(self, model: nn.Module, encoder: nn.Module, projector_init: str = "default") -> nn.Module:
         """MGLL ViT + fresh bridge in place of the open_clip ViT; Perceiver, cross-attention and LM are kept."""
-        from mgll.adapters.export_hf import to_hf_clip_vision
-        from mgll.adapters.flamingo import MgllFlamingoTower, flamingo_class, make_bridge
+        from mgll.adapters.clip_vision import to_hf_clip_vision
+        from mgll.adapters.hosts.medflamingo.model import MgllFlamingoTower, flamingo_class, make_bridge
 
         if projector_init != "default":
             raise ValueError(
@@ -144,7 +144,7 @@ class MedFlamingoHost(Host):
                 "(its new module is the bridge into the pretrained Perceiver)"
             )
         if not isinstance(model, flamingo_class()):
-            raise TypeError(f"medflamingo host needs an MgllFlamingo (load it with mgll.adapters.flamingo), got {type(model).__name__}")
+            raise TypeError(f"medflamingo host needs an MgllFlamingo (load it with mgll.adapters.hosts.medflamingo.model), got {type(model).__name__}")
         ref = next(model.perceiver.parameters())
         hf_vit = to_hf_clip_vision(encoder, with_projection=False)
         tower = MgllFlamingoTower(hf_vit.config)
@@ -159,7 +159,7 @@ class MedFlamingoHost(Host):
 
     def source_processor(self, model: nn.Module, tokenizer: Any) -> Any:
         """The unswapped model's processor (``mgll mcq`` / ``mgll demo`` base): its own open_clip ViT's preprocessing."""
-        from mgll.adapters.flamingo_processor import processor_class
+        from mgll.adapters.hosts.medflamingo.processor import processor_class
         from mgll.adapters.preprocess import build_image_processor, preprocess_cfg_of
 
         return processor_class()(image_processor=build_image_processor(preprocess_cfg_of(model.vision_encoder)), tokenizer=tokenizer)
@@ -168,7 +168,7 @@ class MedFlamingoHost(Host):
         """An ``MgllFlamingoProcessor``: the MGLL encoder's resize/normalisation + the LM tokenizer (with ``<image>``, ``<|endofchunk|>``)."""
         if view != "crop":
             raise ValueError(f"image view {view!r}: the medflamingo host uses the encoder's own open_clip transform (crop) only")
-        from mgll.adapters.flamingo_processor import EOC_TOKEN, MEDIA_TOKEN, processor_class
+        from mgll.adapters.hosts.medflamingo.processor import EOC_TOKEN, MEDIA_TOKEN, processor_class
         from mgll.adapters.preprocess import build_image_processor, preprocess_cfg_of
 
         tokenizer = resolve_tokenizer(processor, tokenizer, "the Flamingo folder has no tokenizer; cannot build the prompts")
