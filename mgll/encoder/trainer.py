@@ -13,7 +13,6 @@ final ``encoder/`` is the same open_clip folder as without DeepSpeed (see ``zero
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -36,13 +35,9 @@ from mgll.data.records import RecordError
 from mgll.data.shard_stream import ShardStream
 from mgll.data.shards import is_shard_pattern, open_shards
 from mgll.encoder.accumulate import GradCache, check_accum_steps
+from mgll.encoder.backends import make_backend
 from mgll.encoder.checkpoint import (
     checkpoint_rng,
-    load_checkpoint,
-    load_newest_intact,
-    load_zero_checkpoint,
-    save_checkpoint,
-    save_zero_checkpoint,
     set_rng_state,
 )
 from mgll.encoder.config import RunConfig
@@ -52,15 +47,8 @@ from mgll.encoder.finite import FiniteGuard, all_ranks_agree, finite_or_none
 from mgll.encoder.resume_guard import CHANGES_FILE, check_resume_config, record_changes
 from mgll.encoder.sampler import GlobalBatchSampler, SeededItems
 from mgll.encoder.zero import (
-    clamp_parameter_,
     deepspeed_in_env,
-    fill_auto,
-    full_state_dict,
-    logit_scale_bounds,
     make_ds_accelerator,
-    model_width,
-    scalar_safe_broadcast,
-    zero_stage,
 )
 from mgll.io import atomic_write_json, atomic_write_text
 from mgll.optim import adamw
@@ -178,22 +166,6 @@ def _apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: Run
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def _grad_norm(accelerator: Accelerator, model, cfg: RunConfig, stage: int | None) -> float | None:
-    """The global gradient norm, clipped to ``train.grad_clip`` on the way (None where it is not ours to check).
-
-    Under DeepSpeed the engine clips and steps inside ``backward``; its norm is read afterwards.
-    Under fp16 the loss scaler owns inf gradients (it skips the step and lowers the scale itself).
-    """
-    if stage is not None:
-        norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
-        return None if norm is None else float(norm)
-    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-    if accelerator.mixed_precision == "fp16" or norm is None:
-        return None
-    return float(norm)
-
-
 _URL_LIKE = re.compile(r"^[a-z][a-z0-9+.-]*://|^pipe:", re.IGNORECASE)
 STREAM_LAYOUT = "data_stream.json"
 
@@ -262,7 +234,7 @@ def train(
     changes = check_resume_config(run_dir, cfg.to_dict(), allow_config_change) if resume else []
     accelerator = make_accelerator(cfg.train.precision, cfg.deepspeed)
     rank, world = accelerator.process_index, accelerator.num_processes
-    stage = zero_stage(accelerator)  # None without DeepSpeed
+    backend = make_backend(accelerator, cfg)  # plain accelerate or a ZeRO engine: the one place that differs
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} processes")
     check_accum_steps(cfg.train.batch_size, cfg.train.accum_steps, world)
@@ -288,24 +260,8 @@ def train(
     model.to(accelerator.device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    start_step, ckpt, notes = 0, None, []
+    model, optimizer, core, ckpt, start_step, notes = backend.prepare(model, optimizer, scheduler, run_dir, resume)
     metrics_path = run_dir / "metrics.jsonl"
-    if resume and stage is None:
-        ckpt, start_step, notes = load_newest_intact(
-            run_dir, lambda p: load_checkpoint(p, model, optimizer, scheduler, restore_rng=False)
-        )
-    if stage == 3 and any(p.dim() == 0 for p in model.parameters()):
-        raise ValueError(
-            f"{cfg.deepspeed or 'the accelerate DeepSpeed config'}: ZeRO-3 cannot partition open_clip's 0-dim logit_scale "
-            "(DeepSpeed views every parameter as bytes); use ZeRO-2 (configs/deepspeed/zero2.json) for encoders"
-        )
-    if stage is not None:
-        fill_auto(accelerator, micro_batch=cfg.train.batch_size // world, grad_clip=cfg.train.grad_clip, width=model_width(model))
-    with scalar_safe_broadcast(model) if stage is not None else contextlib.nullcontext():
-        model, optimizer = accelerator.prepare(model, optimizer)
-    core: ContrastiveModel = accelerator.unwrap_model(model)
-    if resume and stage is not None:  # the engine: weights and optimizer partitions
-        ckpt, start_step, notes = load_newest_intact(run_dir, lambda p: load_zero_checkpoint(p, model, scheduler, restore_rng=False))
     if ckpt is not None and changes:
         _apply_hyperparameters(scheduler.optimizer, scheduler, cfg)
 
@@ -328,9 +284,8 @@ def train(
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     accum = None  # train.accum_steps > 1: one step over micro-batches with cached features (accumulate.py)
     if cfg.train.accum_steps > 1:
-        accum = GradCache(core, accelerator, cfg.train.accum_steps, engine=model if stage is not None else None)
-    # DeepSpeed casts the model itself under bf16/fp16 (accelerate's autocast is off there): match its inputs
-    input_dtype = next(core.parameters()).dtype if stage is not None else None
+        accum = GradCache(core, accelerator, cfg.train.accum_steps, engine=backend.engine)
+    input_dtype = backend.input_dtype(core)
 
     if shards is None:
         sampler = GlobalBatchSampler(
@@ -368,19 +323,13 @@ def train(
                 accelerator.backward(out["loss"])  # under DeepSpeed this also clips and steps the optimizer
             else:
                 accum.backward()  # pass 2 of the feature cache; the same under DeepSpeed
-            grad_norm = _grad_norm(accelerator, model, cfg, stage)
-            bad = FiniteGuard.bad_terms({}, grad_norm)
+            bad = FiniteGuard.bad_terms({}, backend.grad_norm())
             ok = all_ranks_agree(not bad, accelerator.device)
-            if ok or stage is not None:  # DeepSpeed has stepped already; the save refuses non-finite weights
-                optimizer.step()
+            backend.step(ok)
         del out
         scheduler.step()  # a skipped step still uses up its batch and its place in the schedule
         optimizer.zero_grad(set_to_none=True)
-        if stage is None:
-            core.clamp_logit_scale()
-        else:
-            for p in core.log_scale_parameters():
-                clamp_parameter_(p, *logit_scale_bounds())
+        backend.clamp(core)
         step += 1
 
         if accelerator.is_main_process and (step % cfg.train.log_every == 0 or step == end_step or not ok):
@@ -395,16 +344,12 @@ def train(
         bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
         bar.update(1)
         if step % cfg.train.save_every == 0 or step == end_step:
-            accelerator.wait_for_everyone()
-            if stage is not None:
-                save_zero_checkpoint(run_dir, step, model, scheduler, keep=cfg.train.keep_checkpoints)
-            elif accelerator.is_main_process:
-                save_checkpoint(run_dir, step, core, optimizer, scheduler, keep=cfg.train.keep_checkpoints)
+            backend.save(run_dir, step, core, scheduler)
     bar.close()
     accelerator.wait_for_everyone()
     encoder = core.encoder
-    if stage is not None and step == cfg.train.steps:
-        encoder = _consolidated_encoder(cfg, core)  # collective; fp32 masters in a plain module
+    if step == cfg.train.steps:  # under ZeRO a collective: the fp32 masters in a plain module
+        encoder = backend.final_encoder(core, lambda: create_encoder(cfg.model.name, **_encoder_kwargs(cfg))[0])
     if accelerator.is_main_process and step == cfg.train.steps:
         rows = _metric_rows(metrics_path)
         last = rows[-1] if rows and rows[-1]["step"] == step else {}  # a resume with no step left: its last row
@@ -452,12 +397,3 @@ def _card_writer(cfg: RunConfig, data_card, splits: dict[str, int], model_name: 
     return card
 
 
-def _consolidated_encoder(cfg: RunConfig, core: ContrastiveModel) -> torch.nn.Module:
-    """A plain open_clip module holding the fp32 masters of a ZeRO run (every rank must call this)."""
-    state = full_state_dict(core)
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        encoder, *_ = create_encoder(cfg.model.name, **_encoder_kwargs(cfg))
-        prefix = "encoder."
-        encoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-        return encoder
-    return core.encoder
