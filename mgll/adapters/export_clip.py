@@ -45,7 +45,7 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 
 from mgll.adapters.clip_vision import EXPORT_SPEC, clip_vision_config, convert_state_dict
-from mgll.adapters.preprocess import RESAMPLE, preprocess_cfg_of
+from mgll.adapters.preprocess import build_image_processor, preprocess_cfg_of, view_spec
 from mgll.io import atomic_path, atomic_write_json
 
 __all__ = [
@@ -252,34 +252,13 @@ def clip_tokenizer(context_length: int = 77):
 
 
 def clip_image_processor(preprocess_cfg: dict[str, Any]):
-    """A ``CLIPImageProcessor`` (saved form; loads on either backend) doing open_clip's eval transform."""
-    from transformers import CLIPImageProcessor
+    """A ``CLIPImageProcessor`` (saved form; loads on either backend) doing open_clip's eval transform.
 
-    size = preprocess_cfg.get("size", 224)
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    if h != w:
-        raise ValueError(f"preprocess_cfg.size={size}: CLIPModel takes square images")
-    resize_mode = preprocess_cfg.get("resize_mode", "shortest")
-    if resize_mode not in ("shortest", "squash"):
-        raise ValueError(f"preprocess_cfg.resize_mode={resize_mode!r}: CLIPImageProcessor does 'shortest' or 'squash'")
-    interpolation = preprocess_cfg.get("interpolation", "bicubic")
-    if interpolation not in RESAMPLE:
-        raise ValueError(f"preprocess_cfg.interpolation={interpolation!r}: expected bicubic, bilinear or nearest")
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    return CLIPImageProcessor(
-        do_resize=True,
-        size={"height": h, "width": w} if resize_mode == "squash" else {"shortest_edge": h},
-        resample=RESAMPLE[interpolation],
-        do_center_crop=True,
-        crop_size={"height": h, "width": w},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(preprocess_cfg.get("mean", OPENAI_DATASET_MEAN)),
-        image_std=list(preprocess_cfg.get("std", OPENAI_DATASET_STD)),
-        do_convert_rgb=True,
-    )
+    ``CLIPModel`` takes square images; :func:`~mgll.adapters.preprocess.view_spec` refuses anything else,
+    and :func:`~mgll.adapters.preprocess.build_image_processor` is the one place that writes the processor.
+    """
+    view_spec(preprocess_cfg)  # square size, shortest or squash, a known interpolation: else one clear error
+    return build_image_processor(preprocess_cfg)
 
 
 def save_hf_clip_model(model: nn.Module, tokenizer: Any, out: str | os.PathLike, source: str = "",

@@ -426,9 +426,8 @@ def _check_run_spec(out: Path, spec: dict) -> None:
         atomic_write_json(path, spec)
 
 
-def _answer_one_by_one(bank, todo_questions, done, f, score, data_root, progress, desc, skipped) -> int:
-    """Today's path (batch size 1): every variant alone, flushed and fsynced per question."""
-    scored = 0
+def _questions_to_answer(bank, todo_questions, done, data_root, progress, desc, skipped):
+    """``(variants not answered yet, image)`` per question, in bank order; an unreadable image is listed and skipped."""
     for q in tqdm(todo_questions, disable=not progress, desc=desc):
         todo = [v for v in q.variants(bank.circular) if (v.qid, v.rotation) not in done]
         if not todo:
@@ -439,48 +438,41 @@ def _answer_one_by_one(bank, todo_questions, done, f, score, data_root, progress
         except (OSError, ValueError) as e:  # ValueError: over the pixel budget (the message names the file)
             skipped.append(f"{q.qid} {path}: {e.__class__.__name__}: {e}")
             continue
-        for v in todo:
-            row = score(v, image)
-            f.write(json.dumps(row) + "\n")
-            done[(v.qid, v.rotation)] = row
-            scored += 1
+        yield todo, image
+
+
+def _write_rows(f, done, variants, rows, sync: bool = True) -> int:
+    """Append answered rows (then flush and fsync, unless ``sync`` is False): a kill loses only what was not written."""
+    for v, row in zip(variants, rows):
+        f.write(json.dumps(row) + "\n")
+        done[(v.qid, v.rotation)] = row
+    if sync:
         f.flush()
         os.fsync(f.fileno())
+    return len(rows)
+
+
+def _answer_one_by_one(bank, todo_questions, done, f, score, data_root, progress, desc, skipped) -> int:
+    """Today's path (batch size 1): every variant alone."""
+    scored = 0
+    for todo, image in _questions_to_answer(bank, todo_questions, done, data_root, progress, desc, skipped):
+        for i, v in enumerate(todo):  # each row as soon as it is scored; synced once per question
+            scored += _write_rows(f, done, [v], [score(v, image)], sync=i == len(todo) - 1)
     return scored
 
 
 def _answer_in_batches(bank, todo_questions, done, f, score_many, batch_size, data_root, progress, desc, skipped) -> int:
-    """Variants in bank order, ``batch_size`` per forward (across questions), flushed and fsynced per batch."""
+    """Variants in bank order, ``batch_size`` per forward (across questions), written per batch."""
     scored = 0
     pending: list[tuple[Variant, Image.Image]] = []
-
-    def flush() -> int:
-        rows = score_many([v for v, _ in pending], [im for _, im in pending])
-        for (v, _), row in zip(pending, rows):
-            f.write(json.dumps(row) + "\n")
-            done[(v.qid, v.rotation)] = row
-        f.flush()
-        os.fsync(f.fileno())
-        n = len(pending)
-        pending.clear()
-        return n
-
-    for q in tqdm(todo_questions, disable=not progress, desc=desc):
-        todo = [v for v in q.variants(bank.circular) if (v.qid, v.rotation) not in done]
-        if not todo:
-            continue
-        path = bank.image_path(q, data_root)
-        try:
-            image = load_rgb(path)
-        except (OSError, ValueError) as e:
-            skipped.append(f"{q.qid} {path}: {e.__class__.__name__}: {e}")
-            continue
+    for todo, image in _questions_to_answer(bank, todo_questions, done, data_root, progress, desc, skipped):
         for v in todo:
             pending.append((v, image))
             if len(pending) == batch_size:
-                scored += flush()
+                scored += _write_rows(f, done, [v for v, _ in pending], score_many([v for v, _ in pending], [im for _, im in pending]))
+                pending.clear()
     if pending:
-        scored += flush()
+        scored += _write_rows(f, done, [v for v, _ in pending], score_many([v for v, _ in pending], [im for _, im in pending]))
     return scored
 
 
