@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "check_out_free"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "check_out_free", "file_sha256"]
 
 
 @contextlib.contextmanager
@@ -74,3 +75,12 @@ def check_out_free(out: str | os.PathLike, overwrite: bool, flag: str = "--overw
     if overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     raise FileExistsError(f"--out {out}: already exists and is not empty; pass {flag} to replace it")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256, read in 4 MiB chunks (checkpoint manifests, shard manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -35,7 +35,7 @@ from mgll.data.records import (
     load_dataset,
     write_dataset,
 )
-from mgll.io import atomic_path, atomic_write_json
+from mgll.io import atomic_path, atomic_write_json, file_sha256
 
 __all__ = ["MANIFEST", "is_shard_pattern", "write_shards", "ShardSet", "open_shards", "iter_shard", "unpack_shards", "open_dataset"]
 
@@ -48,14 +48,6 @@ def is_shard_pattern(path: str | os.PathLike) -> bool:
     """``data.path`` names shards (``shards/{000000..000012}.tar``, a URL, one ``.tar``), not a dataset folder."""
     s = str(path)
     return s.endswith(".tar") or bool(_URL.match(s)) or ("{" in s and ".tar" in s)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _records_digest(ds: MultiGranularDataset) -> str:
@@ -94,7 +86,7 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, shard_size: int
             raise FileExistsError(f"--out {out}: holds shards of other records or settings; pass --overwrite to replace them")
         if same and not overwrite:  # resume: keep every listed shard whose bytes still match
             for entry in prev["shards"]:
-                if not (out / entry["name"]).is_file() or _sha256(out / entry["name"]) != entry["sha256"]:
+                if not (out / entry["name"]).is_file() or file_sha256(out / entry["name"]) != entry["sha256"]:
                     break
                 manifest["shards"].append(entry)
     elif out.exists() and any(out.iterdir()) and not overwrite:
@@ -120,7 +112,7 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, shard_size: int
                             "split": rec.split, "patient": rec.patient}
                     sink.write({"__key__": f"{i:09d}", ext: path.read_bytes(), "json": json.dumps(meta).encode()})
                     splits[rec.split or ""] = splits.get(rec.split or "", 0) + 1
-        manifest["shards"].append({"name": name, "count": len(chunk), "splits": splits, "sha256": _sha256(out / name),
+        manifest["shards"].append({"name": name, "count": len(chunk), "splits": splits, "sha256": file_sha256(out / name),
                                    "bytes": (out / name).stat().st_size})
         atomic_write_json(out / MANIFEST, manifest)
         bar.update(1)

@@ -19,7 +19,6 @@ one temporary folder that rank 0 renames once every rank is done.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mgll.encoder.finite import NonFiniteError, assert_finite_tensors
-from mgll.io import atomic_path, atomic_write_json, atomic_write_text
+from mgll.io import atomic_path, atomic_write_json, atomic_write_text, file_sha256
 
 __all__ = [
     "save_checkpoint",
@@ -64,19 +63,11 @@ class CheckpointCorrupt(ValueError):
     """A checkpoint folder whose files are missing, truncated, altered or non-finite."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(folder: str | Path) -> Path:
     """Size and SHA-256 of every file under ``folder``; call it last, before the folder is renamed into place."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     return atomic_write_json(folder / MANIFEST, {"format": 1, "files": entries})
 
 
@@ -104,7 +95,7 @@ def verify_manifest(folder: str | Path, required: tuple[str, ...] = (WEIGHTS, ST
         size = path.stat().st_size
         if size != entry["bytes"]:
             return f"{rel} is {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
-        if _sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             return f"{rel} does not match its SHA-256 in {MANIFEST} (corrupted)"
     return None
 
