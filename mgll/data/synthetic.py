@@ -31,7 +31,10 @@ __all__ = [
     "NORMAL_DISEASE",
     "NORMAL_EXPLANATION",
     "SEVERITIES",
+    "NO_FINDING",
+    "XRAY_FINDINGS",
     "XRAY_MODALITIES",
+    "XRAY_REPORTS",
     "XRAY_SERIES",
     "XRAY_STUDIES",
     "fundus_card",
@@ -115,12 +118,26 @@ FUNDUS_EXPLANATIONS: dict[tuple[str, str], str] = {
     (d, sev): texts[i] for d, texts in _EXPLAIN.items() for i, sev in enumerate(SEVERITIES)
 }
 
-# Clinical-ish priors: which disease a sick eye presents with, and what tends to come along with it.
-_P_NORMAL = 0.3
+# Label frequencies follow published fundus datasets, with a long tail (the study in
+# benchmarks/ablation.py ran on these priors; they were set before it and are not tuned to it).
+#   RFMiD (Pachade et al., Data 2021; 1,920 training images, multi-label): normal 401 (21 %),
+#     DR 376 (19.6 %), media haze 317 (16.5 %), optic-disc cupping 282 (14.7 %), tessellation 186
+#     (9.7 %), drusen 138 + ARMD 100 (12.4 %), myopia 101 (5.3 %), CSR 37 (1.9 %), RP 6 (0.3 %).
+#   ODIR-5K (Peking University, 2019; 3,500 training patients): normal 1,135 (32 %), diabetes 1,131
+#     (32 %), cataract 212 (6.1 %), glaucoma 207 (5.9 %), myopia 177 (5.1 %), AMD 171 (4.9 %).
+#   APTOS 2019 (3,662 graded images): among DR eyes mild 20 %, moderate 54 %, severe/proliferative
+#     26 % (the DR severity mix below); IDRiD/MESSIDOR put DME in roughly a quarter to a third of DR eyes.
+# The two sources disagree (RFMiD is a referral clinic, ODIR a screening population), so the
+# weights below sit between them. One deliberate departure: RFMiD's rarest classes (RP 0.3 %) are
+# raised to about CSR's 2 %, so that a 2,000-image synthetic test split holds ~30 images of every
+# disease (the MCQ bank's floor) instead of six; the ordering and the ~15x head-to-tail ratio remain.
+_P_NORMAL = 0.27
 _PRIMARY = {
-    AMD: 0.13, CAT: 0.11, CSR: 0.08, DR: 0.16, GLA: 0.11,
-    HAZE: 0.06, MYO: 0.11, RP: 0.06, DME: 0.08, TES: 0.10,
+    DR: 0.30, GLA: 0.15, AMD: 0.12, CAT: 0.10, TES: 0.09,
+    MYO: 0.08, HAZE: 0.06, CSR: 0.03, DME: 0.02, RP: 0.025,
 }  # fmt: skip
+# Companions: co-occurring pairs seen clinically and in RFMiD/ODIR's multi-label rows (DME on DR,
+# tessellation with (high) myopia, media haze with cataract, glaucoma suspects among myopes).
 _COMPANIONS: dict[str, tuple[tuple[str, float], ...]] = {
     DME: ((DR, 0.9),),
     DR: ((DME, 0.3), (CAT, 0.1)),
@@ -133,6 +150,8 @@ _COMPANIONS: dict[str, tuple[tuple[str, float], ...]] = {
     CSR: (),
     AMD: ((CAT, 0.08),),
 }
+_SEVERITY_P = {DR: (0.2, 0.54, 0.26)}  # APTOS 2019 grade mix among DR eyes; others below
+_SEVERITY_DEFAULT = (0.4, 0.35, 0.25)
 _P_BILATERAL = 0.6  # second eye of a patient repeats the first eye's diseases (systemic disease)
 
 XRAY_MODALITIES: tuple[str, ...] = ("CR (computed radiography)", "DX (digital radiography)")
@@ -143,6 +162,76 @@ XRAY_SERIES: dict[str, tuple[str, ...]] = {
     "knee": ("ap view", "lateral view", "oblique view"),
     "hand": ("ap view", "lateral view", "oblique view"),
 }
+# Chest findings, ChestX-ray14 vocabulary (Wang et al., CVPR 2017; 112,120 frontal films): per-image
+# frequencies infiltration 17.7 %, effusion 11.9 %, atelectasis 10.3 %, nodule 5.6 %, mass 5.2 %,
+# pneumothorax 4.7 %, consolidation 4.2 %, cardiomegaly 2.5 %, emphysema 2.2 %, edema 2.1 %
+# (pneumonia 1.3 %, fibrosis 1.5 %, pleural thickening 3.0 %, hernia 0.2 % are not drawn: no sign a
+# 64-px cartoon can carry apart from the others); "No Finding" 53.8 %. Its most frequent pairs are
+# effusion + infiltration, effusion + atelectasis, atelectasis + infiltration, cardiomegaly +
+# effusion, edema + infiltration / effusion and mass + nodule: the companions below. Severity
+# changes the drawing (effusion height, heart size, nodule count, opacity extent) and the report.
+XRAY_FINDINGS: tuple[str, ...] = (
+    "atelectasis",
+    "cardiomegaly",
+    "consolidation",
+    "edema",
+    "effusion",
+    "emphysema",
+    "infiltration",
+    "mass",
+    "nodule",
+    "pneumothorax",
+)
+ATE, CMG, CON, EDE, EFF, EMP, INF, MAS, NOD, PTX = XRAY_FINDINGS
+NO_FINDING = "no finding"
+_XRAY_P_NORMAL = 0.5  # of chest films; companions bring the abnormal share near ChestX-ray14's 46 %
+_XRAY_PRIMARY = {
+    INF: 0.177, EFF: 0.119, ATE: 0.103, NOD: 0.056, MAS: 0.052,
+    PTX: 0.047, CON: 0.042, CMG: 0.025, EMP: 0.022, EDE: 0.021,
+}  # fmt: skip
+_XRAY_COMPANIONS: dict[str, tuple[tuple[str, float], ...]] = {
+    EFF: ((INF, 0.3), (ATE, 0.25)),
+    ATE: ((EFF, 0.25), (INF, 0.25)),
+    INF: ((ATE, 0.15), (EFF, 0.15)),
+    CMG: ((EFF, 0.4), (EDE, 0.2)),
+    EDE: ((EFF, 0.4), (INF, 0.3)),
+    MAS: ((NOD, 0.2),),
+    NOD: ((MAS, 0.15),),
+    CON: ((EFF, 0.2), (ATE, 0.15)),
+    PTX: ((EMP, 0.1),),
+    EMP: ((PTX, 0.15),),
+}
+# Chest films are the most common radiograph; this 55 % share is an assumption, not a measured figure.
+_XRAY_STUDY_P = {"chest": 0.55, "abdomen": 0.15, "knee": 0.15, "hand": 0.15}
+_XRAY_REPORT: dict[str, tuple[str, str, str]] = {
+    ATE: ("a thin plate-like band of atelectasis at a lung base",
+          "a band of atelectasis with some volume loss in the lower lung",
+          "dense lobar atelectasis with marked volume loss"),
+    CMG: ("a mildly enlarged cardiac silhouette", "moderate cardiomegaly with a widened heart shadow",
+          "severe cardiomegaly, the heart filling much of the chest"),
+    CON: ("a small focal consolidation", "a lobar consolidation with dense airspace opacity",
+          "extensive dense consolidation over most of a lung"),
+    EDE: ("mild interstitial edema with faint perihilar haze", "moderate pulmonary edema with perihilar haze",
+          "severe alveolar edema in a bilateral bat-wing pattern"),
+    EFF: ("a small pleural effusion blunting the costophrenic angle", "a moderate pleural effusion with a meniscus",
+          "a large pleural effusion filling the lower half of the hemithorax"),
+    EMP: ("mildly hyperlucent lungs from emphysema", "hyperinflated hyperlucent lungs from emphysema",
+          "severe emphysema with large hyperlucent overinflated lungs"),
+    INF: ("a faint patchy infiltrate", "patchy infiltrates in both lower zones", "widespread patchy infiltrates in both lungs"),
+    MAS: ("a small lung mass", "a rounded lung mass", "a large lung mass"),
+    NOD: ("a single small pulmonary nodule", "two pulmonary nodules", "several pulmonary nodules"),
+    PTX: ("a small apical pneumothorax with a thin pleural line",
+          "a moderate pneumothorax with the lung edge displaced from the chest wall",
+          "a large pneumothorax with a collapsed lung"),
+}
+XRAY_REPORTS: dict[tuple[str, str], str] = {
+    (f, sev): texts[i] for f, texts in _XRAY_REPORT.items() for i, sev in enumerate(SEVERITIES)
+}
+XRAY_NORMAL_REPORT = {"chest": "no acute cardiopulmonary abnormality"}
+
+
+def xray_normal_report(study: str) -> str:
+    return XRAY_NORMAL_REPORT.get(study, f"no acute abnormality of the {study}")
 _SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -165,8 +254,11 @@ def xray_card() -> DatasetCard:
             Level("modality", "a {} radiograph"),
             Level("study", "an x-ray of the {}"),
             Level("series", "a {}"),
+            Level("finding", "an x-ray showing {}"),
+            Level("report", "{}"),
         ),
-        description="Procedurally drawn radiograph-like images: modality -> body part -> view.",
+        description="Procedurally drawn radiograph-like images: modality -> body part -> view -> chest finding "
+        "(ChestX-ray14 vocabulary) -> severity-aware report sentence.",
     )
 
 
@@ -474,11 +566,11 @@ def _sample_fundus_diseases(rng: np.random.Generator) -> dict[str, int]:
     if len(chosen) < 3 and rng.random() < 0.08:  # an unrelated incidental finding
         other = [d for d in FUNDUS_DISEASES if d not in chosen and d != AMD]
         chosen.append(other[rng.integers(len(other))])
-    return {d: _sample_severity(rng) for d in chosen[:3]}
+    return {d: _sample_severity(rng, d) for d in chosen[:3]}
 
 
-def _sample_severity(rng: np.random.Generator) -> int:
-    return int(rng.choice(3, p=[0.4, 0.35, 0.25]))
+def _sample_severity(rng: np.random.Generator, disease: str | None = None) -> int:
+    return int(rng.choice(3, p=list(_SEVERITY_P.get(disease, _SEVERITY_DEFAULT))))
 
 
 def _fundus_labels(diseases: dict[str, int]) -> dict[str, tuple[str, ...]]:
@@ -502,7 +594,7 @@ def _plan_fundus(n: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
         plan.append((patient, {"diseases": first}))
         if len(plan) < n:
             if first and rng.random() < _P_BILATERAL:
-                second = {d: _sample_severity(rng) for d in first}
+                second = {d: _sample_severity(rng, d) for d in first}
             else:
                 second = _sample_fundus_diseases(rng)
             plan.append((patient, {"diseases": second}))
@@ -513,12 +605,12 @@ def _plan_fundus(n: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
 # =========================================================================== x-ray
 
 
-def _chest(xx, yy, px, view, rng):
+def _chest(xx, yy, px, view, rng, heart_scale: float = 1.0):
     d = np.zeros_like(xx)
     if view == "lateral view":
         d += 0.42 * _ellipse(xx, yy, 0.0, 0.15, 0.6, 1.05, 0.0, px)
         d -= 0.28 * _ellipse(xx, yy, 0.02, -0.05, 0.38, 0.55, 0.1, px)
-        d += 0.22 * _ellipse(xx, yy, -0.15, 0.3, 0.25, 0.22, 0.3, px)  # heart, anterior
+        d += 0.22 * _ellipse(xx, yy, -0.15, 0.3, 0.25 * heart_scale, 0.22 * min(heart_scale, 1.2), 0.3, px)  # heart, anterior
         for k in range(8):  # vertebral bodies posteriorly
             y = -0.85 + k * 0.24
             d += 0.35 * _ellipse(xx, yy, 0.42, y, 0.09, 0.09, 0.0, px)
@@ -530,8 +622,8 @@ def _chest(xx, yy, px, view, rng):
         xx, yy, 0.37, -0.05, 0.28, 0.56, -0.05, px
     )
     d -= 0.3 * lungs
-    hw = rng.uniform(0.3, 0.36) if ap else rng.uniform(0.23, 0.27)  # AP magnifies the heart
-    d += 0.26 * _ellipse(xx, yy, 0.1, 0.32, hw, 0.22, -0.2, px)
+    hw = (rng.uniform(0.3, 0.36) if ap else rng.uniform(0.23, 0.27)) * heart_scale  # AP magnifies the heart
+    d += 0.26 * _ellipse(xx, yy, 0.1, 0.32, hw, 0.22 * min(heart_scale, 1.2), -0.2, px)
     d += 0.25 * _capsule(xx, yy, 0.0, -1.1, 0.0, 1.1, 0.07, px)  # spine
     period = rng.uniform(0.15, 0.18)
     ribs = np.clip((np.cos(2 * np.pi * (yy - 0.3 * np.abs(xx) ** 1.5) / period) - 0.55) * 3.0, 0, 1)
@@ -645,16 +737,99 @@ def _hand(xx, yy, px, view, rng):
     return d
 
 
+def _chest_findings(xx, yy, px, view, findings: dict[str, int], les) -> np.ndarray:
+    """Attenuation added (opacities) or removed (lucencies) by chest findings, severity 0-2."""
+    d = np.zeros_like(xx)
+    lateral = view == "lateral view"
+    if lateral:
+        lungs = [(0.02, -0.05, 0.38, 0.55)]
+    else:
+        lungs = [(-0.37, -0.05, 0.28, 0.56), (0.37, -0.05, 0.28, 0.56)]
+    masks = [_ellipse(xx, yy, cx, cy, ax, ay, 0.0, px) for cx, cy, ax, ay in lungs]
+    both = np.clip(sum(masks), 0, 1)
+
+    def lung():
+        i = int(les.integers(len(lungs)))
+        return lungs[i], masks[i]
+
+    def point_in(lb, frac=0.7, y_range=(-1.0, 1.0)):
+        cx, cy, ax, ay = lb
+        r, a = np.sqrt(les.uniform(0, 1)) * frac, les.uniform(0, 2 * np.pi)
+        return cx + ax * r * np.cos(a), float(np.clip(cy + ay * r * np.sin(a), *y_range))
+
+    for f, sev in findings.items():
+        if f == EFF:  # fluid in the dependent base with a meniscus rising laterally
+            (cx, cy, ax, ay), m = lung()
+            h = (0.22, 0.38, 0.55)[sev] * ay * 2
+            lateralness = np.clip(np.abs(xx - cx) / ax, 0, 1) if not lateral else 0.0
+            level = cy + ay - h - 0.12 * lateralness
+            d += 0.32 * m * _soft(yy - level, px * 2)
+        elif f == ATE:  # plate-like band in a lower zone, thicker and denser with severity
+            lb, m = lung()
+            cx, cy, ax, ay = lb
+            y0 = cy + ay * les.uniform(0.2, 0.45)
+            tilt = les.uniform(-0.15, 0.15)
+            band = _capsule(xx, yy, cx - 0.8 * ax, y0 - tilt, cx + 0.8 * ax, y0 + tilt, (0.025, 0.045, 0.07)[sev], px)
+            d += (0.22, 0.26, 0.3)[sev] * band * m
+        elif f == INF:  # patchy ill-defined opacities: thresholded smooth noise inside the lungs
+            noise = _blur(les.normal(0, 1, xx.shape), 2.5 * xx.shape[0] / 64)
+            noise /= noise.std() + 1e-9
+            patch = np.clip(noise - (1.2, 0.7, 0.2)[sev], 0, 1)
+            d += 0.2 * patch * both
+        elif f == CON:  # dense homogeneous airspace opacity in one lobe
+            lb, m = lung()
+            x, y = point_in(lb, 0.45)
+            r = (0.12, 0.18, 0.25)[sev]
+            blob = _blur(_ellipse(xx, yy, x, y, r, r * 1.3, les.uniform(0, np.pi), px), 1.0 * xx.shape[0] / 64)
+            d += 0.32 * blob * m
+        elif f == EDE:  # bilateral perihilar haze (bat wings), denser with severity
+            hila = [(0.0, -0.05)] if lateral else [(-0.2, -0.02), (0.2, -0.02)]
+            haze = sum(np.exp(-(((xx - hx) ** 2) / 0.05 + ((yy - hy) ** 2) / 0.09)) for hx, hy in hila)
+            d += (0.1, 0.16, 0.24)[sev] * np.clip(haze, 0, 1) * both
+        elif f == EMP:  # hyperlucent, over-expanded lungs
+            big = [_ellipse(xx, yy, cx, cy + 0.04, ax * 1.08, ay * 1.12, 0.0, px) for cx, cy, ax, ay in lungs]
+            d -= (0.08, 0.13, 0.18)[sev] * np.clip(sum(big), 0, 1)
+        elif f == NOD:  # 1-3 small round dense dots
+            k = sev + 1
+            pts = [point_in(lung()[0], 0.75) for _ in range(k)]
+            rr = les.uniform(0.035, 0.05, k)
+            d += 0.3 * _dots(xx, yy, [p[0] for p in pts], [p[1] for p in pts], rr, px).max(0)
+        elif f == MAS:  # one larger round opacity
+            x, y = point_in(lung()[0], 0.5)
+            r = (0.09, 0.13, 0.17)[sev]
+            d += 0.34 * _dots(xx, yy, [x], [y], [r], px)[0]
+        elif f == PTX:  # lucent rim without lung markings at the apex / lateral edge, thin pleural line
+            (cx, cy, ax, ay), m = lung()
+            w = (0.1, 0.2, 0.32)[sev]
+            inner = _ellipse(xx, yy, cx + (0.0 if lateral else np.sign(cx) * -w * 0.3), cy + w * 0.6,
+                             max(ax - w * 0.6, 0.05), max(ay - w, 0.1), 0.0, px)
+            rim = np.clip(m - inner, 0, 1)
+            d -= 0.16 * rim
+            line = _soft(px * 1.2 - np.abs(inner - 0.5) * px * 4, px) * m
+            d += 0.12 * line
+    return d
+
+
 _XRAY_DRAW = {"chest": _chest, "abdomen": _abdomen, "knee": _knee, "hand": _hand}
 
 
-def render_xray(modality: str, study: str, series: str, size: int, seed: Sequence[int]) -> np.ndarray:
+def render_xray(
+    modality: str, study: str, series: str, size: int, seed: Sequence[int], findings: dict[str, int] | None = None
+) -> np.ndarray:
     """Render one radiograph-like grayscale uint8 image.
 
     Structures add up as attenuation (like a line integral), then a modality-specific detector
     response is applied: CR gets a flatter contrast curve, veil and coarse correlated grain with
-    plate scan lines; DX gets a steeper curve and fine, faint noise.
+    plate scan lines; DX gets a steeper curve and fine, faint noise. ``findings`` (chest only) maps
+    a finding to its severity (0 mild .. 2 severe); lesions come from their own stream of ``seed``,
+    so rendering the same seed with and without a finding isolates its sign (used by the tests).
     """
+    findings = dict(findings or {})
+    unknown = set(findings) - set(XRAY_FINDINGS)
+    if unknown:
+        raise ValueError(f"unknown findings {sorted(unknown)}")
+    if findings and study != "chest":
+        raise ValueError(f"findings are drawn on chest films only, not {study!r}")
     if modality not in XRAY_MODALITIES:
         raise ValueError(f"unknown modality {modality!r}")
     if series not in XRAY_SERIES.get(study, ()):
@@ -673,7 +848,14 @@ def render_xray(modality: str, study: str, series: str, size: int, seed: Sequenc
     gx, gy = (gx - shift[0]) / scale, (gy - shift[1]) / scale
     if series == "oblique view":
         gx = gx / 0.8  # foreshortening
-    dens = _XRAY_DRAW[study](gx, gy, px / scale, series, rng)
+    if study == "chest":
+        heart = (1.3, 1.45, 1.6)[findings[CMG]] if CMG in findings else 1.0
+        dens = _chest(gx, gy, px / scale, series, rng, heart_scale=heart)
+        if findings:
+            les = np.random.default_rng([*(int(s) for s in seed), 1])
+            dens = dens + _chest_findings(gx, gy, px / scale, series, findings, les)
+    else:
+        dens = _XRAY_DRAW[study](gx, gy, px / scale, series, rng)
     dens = np.clip(dens, 0, None)
 
     if modality.startswith("CR"):
@@ -701,6 +883,27 @@ def render_xray(modality: str, study: str, series: str, size: int, seed: Sequenc
     return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def _sample_chest_findings(rng: np.random.Generator) -> dict[str, int]:
+    if rng.random() < _XRAY_P_NORMAL:
+        return {}
+    names = list(_XRAY_PRIMARY)
+    p = np.array([_XRAY_PRIMARY[k] for k in names])
+    chosen = [names[rng.choice(len(names), p=p / p.sum())]]
+    for comp, prob in _XRAY_COMPANIONS[chosen[0]]:
+        if rng.random() < prob and comp not in chosen:
+            chosen.append(comp)
+    return {f: _sample_severity(rng) for f in chosen[:3]}
+
+
+def _xray_labels(spec: dict) -> dict[str, tuple[str, ...]]:
+    f = spec.get("findings") or {}
+    ordered = [x for x in XRAY_FINDINGS if x in f]
+    labels = {"modality": (spec["modality"],), "study": (spec["study"],), "series": (spec["series"],)}
+    if not ordered:
+        return {**labels, "finding": (NO_FINDING,), "report": (xray_normal_report(spec["study"]),)}
+    return {**labels, "finding": tuple(ordered), "report": tuple(XRAY_REPORTS[(x, SEVERITIES[f[x]])] for x in ordered)}
+
+
 def _plan_xray(n: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
     """A patient has one study and 1-3 distinct views of it, acquired on one modality."""
     plan: list[tuple[str, dict]] = []
@@ -708,11 +911,12 @@ def _plan_xray(n: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
     while len(plan) < n:
         patient = f"p{pid:05d}"
         modality = XRAY_MODALITIES[rng.integers(len(XRAY_MODALITIES))]
-        study = XRAY_STUDIES[rng.integers(len(XRAY_STUDIES))]
+        study = XRAY_STUDIES[rng.choice(len(XRAY_STUDIES), p=[_XRAY_STUDY_P[st] for st in XRAY_STUDIES])]
         views = XRAY_SERIES[study]
+        findings = _sample_chest_findings(rng) if study == "chest" else {}  # one study: every view shows them
         k = min(int(rng.integers(1, 4)), len(views), n - len(plan))
         for v in rng.choice(len(views), size=k, replace=False):
-            plan.append((patient, {"modality": modality, "study": study, "series": views[int(v)]}))
+            plan.append((patient, {"modality": modality, "study": study, "series": views[int(v)], "findings": findings}))
         pid += 1
     return plan
 
@@ -725,7 +929,9 @@ def _render_task(task: tuple) -> None:
     if kind == "fundus":
         image = Image.fromarray(render_fundus(spec["diseases"], size, (seed, index)), "RGB")
     else:
-        image = Image.fromarray(render_xray(spec["modality"], spec["study"], spec["series"], size, (seed, index)), "L")
+        image = Image.fromarray(
+            render_xray(spec["modality"], spec["study"], spec["series"], size, (seed, index), spec.get("findings")), "L"
+        )
     with atomic_path(path) as tmp:  # a killed run never leaves a truncated PNG behind
         image.save(tmp, format="PNG")
 
@@ -784,7 +990,7 @@ def make_synthetic(
         if kind == "fundus":
             labels = _fundus_labels(spec["diseases"])
         else:
-            labels = {"modality": (spec["modality"],), "study": (spec["study"],), "series": (spec["series"],)}
+            labels = _xray_labels(spec)
         records.append(Record(image=rel, labels=labels, split=split_of[patient], patient=patient))
 
     if workers > 1 and len(tasks) > 1:
