@@ -96,6 +96,7 @@ class QuestionBank:
     level: str = "disease"
     skipped: list[str] = field(default_factory=list)
     version: int = BANK_VERSION
+    max_per_disease: int | None = None
 
     def counts(self) -> dict[str, int]:
         """Questions per disease, in the canonical order, zeros included (small classes must be visible)."""
@@ -116,6 +117,7 @@ class QuestionBank:
             "n_questions": len(self.questions),
             "counts": self.counts(),
             "skipped": self.skipped,
+            "max_per_disease": self.max_per_disease,
         }
 
     def fingerprint(self) -> str:
@@ -151,11 +153,16 @@ def build_bank(
     level: str = "disease",
     circular: bool = False,
     question: str = QUESTION,
+    max_per_disease: int | None = None,
 ) -> QuestionBank:
     """One question per record whose ``level`` labels include one of the ten diseases.
 
     Records with none of the ten are not questions (normal fundus, other diseases); records
     whose other diseases leave fewer than ``k - 1`` distractors are skipped and listed.
+    ``max_per_disease`` keeps at most that many questions per answer disease: those whose image
+    hashes lowest under ``seed`` (so the kept set does not depend on record order), in record
+    order. A long-tailed test split then gives every disease a similar count, and the unweighted
+    Average is not paid for with thousands of questions about the head classes.
     """
     if not 2 <= k <= len(FUNDUS_DISEASES):
         raise ValueError(f"k={k}: expected 2..{len(FUNDUS_DISEASES)} options")
@@ -192,9 +199,19 @@ def build_bank(
         )
     if not questions:
         raise ValueError(f"{ds.root}: no record in split {split!r} has one of the ten diseases at level {level!r}")
+    if max_per_disease is not None:
+        if max_per_disease < 1:
+            raise ValueError(f"max_per_disease={max_per_disease}: expected >= 1")
+        rank = {q.qid: hashlib.sha256(f"{seed}\x01{q.image}".encode()).hexdigest() for q in questions}
+        keep: set[str] = set()
+        for d in FUNDUS_DISEASES:
+            ids = sorted((q.qid for q in questions if q.answer == d), key=rank.get)
+            keep.update(ids[:max_per_disease])
+        questions = [q for q in questions if q.qid in keep]
     return QuestionBank(
         questions=questions, k=k, seed=seed, circular=circular, question=question,
         dataset=str(Path(ds.root).resolve()), split=split, level=level, skipped=skipped,
+        max_per_disease=max_per_disease,
     )
 
 
@@ -252,4 +269,5 @@ def load_bank(path: str | os.PathLike) -> QuestionBank:
         questions=questions, k=int(head["k"]), seed=int(head["seed"]), circular=bool(head["circular"]),
         question=head["question"], dataset=head.get("dataset", ""), split=head.get("split"),
         level=head.get("level", "disease"), skipped=list(head.get("skipped", [])), version=head["version"],
+        max_per_disease=head.get("max_per_disease"),
     )
