@@ -60,6 +60,9 @@ def test_demo_shares_one_text_lm_and_aligns_each_tower_in_two_stages(tmp_path):
         assert sum2["mcq_pairs"] > 0 and sum2["pairs"] == sum1["pairs"] + sum2["mcq_pairs"]
         res = json.loads((out / f"mcq-{name}" / "results.json").read_text())
         assert res["n_questions"] > 0 and res["run"]["alignment"] == str(s2)
+        assert res["run"]["model"] == str(out / f"trained-{name}")  # the exported folder mgll demo serves
+        trained, _ = load_swapped(out / f"trained-{name}", with_processor=False)
+        assert torch.equal(host.projector(trained).state_dict()[next(iter(p1))], load_file(str(s2 / "projector.safetensors"))[next(iter(p1))])
     assert not torch.equal(*towers)  # the arms differ in their tower only
     assert summary["training"]["clip"]["stage2"]["steps"] == summary["training"]["mgll"]["stage2"]["steps"] == 3
     assert "| *Δ vs tiny LLaVA* |" in (out / "comparison" / "comparison.md").read_text()

@@ -14,7 +14,9 @@ exists, then align. Here, offline and on CPU:
    LM frozen) on captions; stage 2 trains LoRA on the LM (+ projector) on captions and the
    training split's multiple-choice instructions. Same steps, batches and seed for both arms:
    :func:`mgll.adapters.align.align` is the training loop, with its chat-template prompt layout.
-3. Both answer the test split's bank in ``loglik`` mode; :func:`mgll.mllm_eval.report.compare`
+3. Each run is exported as a stand-alone model folder (``trained-clip``, ``trained-mgll``: projector
+   in, LoRA merged, as ``mgll export-aligned`` writes it; ``mgll demo`` serves these), and both
+   answer the test split's bank in ``loglik`` mode; :func:`mgll.mllm_eval.report.compare`
    gives the per-disease table and the paired Δ per question.
 
 Only the tower differs between the arms, and the LM did not learn to read images beside one of
@@ -189,8 +191,9 @@ def run_mcq_demo(
     Finished stages are reused, so a rerun after an interruption continues; the text LM is reused
     from ``lm_cache`` (default ``out/text-lm``) whenever its texts and settings match.
     """
-    from mgll.adapters.align import AlignConfig, align, load_aligned
-    from mgll.adapters.swap import SWAP_SPEC, swap
+    from mgll.adapters.align import AlignConfig, align
+    from mgll.adapters.export_aligned import export_aligned
+    from mgll.adapters.swap import SWAP_SPEC, load_swapped, swap
 
     out = Path(out)
     ds = load_dataset(data)
@@ -213,10 +216,12 @@ def run_mcq_demo(
         if not (s2 / "summary.json").is_file():
             align(AlignConfig(out=str(s2), stage=2, steps=stage2_steps, projector=str(s1 / "projector.safetensors"),
                               mcq_k=k, mcq_seed=seed + 1, **common), resume=s2.exists(), progress=progress)
-        model, processor = load_aligned(swapped, s2)
-        model = model.merge_and_unload().eval()  # W + BA into the LM: scoring sees a plain LLaVA
-        results.append(run_bank(bank, "llava", model, processor, out / f"mcq-{name}",
-                                spec={"model": str(swapped), "alignment": str(s2)}, label=row, progress=progress))
+        trained = out / f"trained-{name}"  # the stand-alone folder `mgll export-aligned` writes (LoRA merged)
+        if not (trained / SWAP_SPEC).is_file():
+            export_aligned(swapped, s2, trained, overwrite=True)
+        model, processor = load_swapped(trained)
+        results.append(run_bank(bank, "llava", model.eval(), processor, out / f"mcq-{name}",
+                                spec={"model": str(trained), "alignment": str(s2)}, label=row, progress=progress))
         training[name] = {stage: json.loads((d / "summary.json").read_text()) for stage, d in (("stage1", s1), ("stage2", s2))}
         training[name] = {st: {k2: v[k2] for k2 in ("steps", "pairs", "mcq_pairs", "loss_first", "loss_last") if k2 in v}
                           for st, v in training[name].items()}
