@@ -40,8 +40,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mgll.data import FUNDUS_DISEASES, make_synthetic  # noqa: E402
+from mgll.data.question_bank import QUESTION, build_bank  # noqa: E402
 from mgll.io import atomic_write_json, atomic_write_text  # noqa: E402
-from mgll.mllm_eval.question_bank import QUESTION, build_bank  # noqa: E402
 from mgll.mllm_eval.scoring import (  # noqa: E402
     build_prompt,
     encode_prefix,

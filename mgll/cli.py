@@ -6,6 +6,11 @@ import argparse
 import os
 import sys
 
+from mgll.quickstart import (  # constants only: the module imports torch lazily
+    MCQ_PER_DISEASE,
+    QUICKSTART_SPLITS,
+)
+
 __all__ = ["main", "build_parser"]
 
 
@@ -46,7 +51,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
     run_quickstart(
         args.out, n_images=args.n, steps=args.steps, seed=args.seed, progress=not args.no_progress,
-        probe_bootstrap=args.probe_bootstrap, mcq_steps=args.mcq_steps,
+        probe_bootstrap=args.probe_bootstrap, mcq_steps=args.mcq_steps, lm_steps=args.lm_steps,
+        splits=tuple(args.splits), mcq_per_disease=args.mcq_per_disease,
     )
     return 0
 
@@ -89,11 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="offline CPU demo: synthetic data, tiny MGLL and CLIP encoders")
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--n", type=int, default=600, help="synthetic images")
+    p.add_argument("--n", type=int, default=sum(QUICKSTART_SPLITS), help="synthetic images (all splits)")
+    p.add_argument("--splits", type=float, nargs=3, default=QUICKSTART_SPLITS, metavar=("TRAIN", "VAL", "TEST"),
+                   help="split proportions (default 420 600 2000: a small training set, a test split sized for the paired CI)")
     p.add_argument("--steps", type=int, default=300, help="training steps per encoder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-bootstrap", type=int, default=200, help="bootstrap replicates for the probe CIs")
-    p.add_argument("--mcq-steps", type=int, default=1500, help="training steps of each tiny LLaVA in the MCQ stage (0 skips it)")
+    p.add_argument("--mcq-steps", type=int, default=600,
+                   help="alignment steps per tower in the MCQ stage, a third stage 1 and the rest stage 2 (0 skips it)")
+    p.add_argument("--lm-steps", type=int, default=800, help="steps of the shared text-only LM (trained once, cached)")
+    p.add_argument("--mcq-per-disease", type=int, default=MCQ_PER_DISEASE, help="questions kept per disease in the test bank")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_quickstart)
 

@@ -117,7 +117,8 @@ def test_every_problem_is_reported_with_its_file(broken, tmp_path, capsys):
     assert [p["image"] for p in by["unreadable"]] == [img[6]]
     assert not any(p["image"] == img[7] for p in rep["problems"])  # 16-bit: rescaled as training reads it, not a problem
     assert [p["image"] for p in by["label_variants"]] == [img[8]]
-    assert "'NORMAL' x1" in by["label_variants"][0]["detail"] and "level 'status'" in by["label_variants"][0]["detail"]
+    upper = json.loads(_lines(root)[8])["labels"]["status"][0]  # "NORMAL" or "ABNORMAL", whichever record 8 had
+    assert f"'{upper}' x1" in by["label_variants"][0]["detail"] and "level 'status'" in by["label_variants"][0]["detail"]
     assert [p["image"] for p in by["split_name"]] == [img[9]] and "'valid'" in by["split_name"][0]["detail"]
     assert [(p["line"], p["image"]) for p in by["bad_record"]] == [(11, None)]
     assert "records.jsonl:11: not valid UTF-8: byte 0xe9" in by["bad_record"][0]["detail"]

@@ -8,9 +8,9 @@ from PIL import Image
 
 from mgll.adapters.swap import swap
 from mgll.data import FUNDUS_DISEASES
+from mgll.data.question_bank import QUESTION
 from mgll.demo.backend import MllmSide
 from mgll.encoder.factory import create_encoder, save_encoder
-from mgll.mllm_eval.question_bank import QUESTION
 from mgll.mllm_eval.scoring import INSTRUCTION, option_text
 from mgll.testing import tiny
 

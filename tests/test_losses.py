@@ -8,11 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from mgll.encoder.batch_texts import build_batch_texts
+from mgll.encoder.config import load_config
 from mgll.encoder.losses import (
     MGLLLoss,
+    MGLLOptions,
     clip_loss,
     pointwise_loss,
     sample_text_features,
+    schedule_factor,
     siglip_loss,
     smooth_kl_loss,
     soft_clip_loss,
@@ -141,7 +144,8 @@ def test_mgll_total_is_weighted_sum_of_hand_terms():
 
 def test_zero_weight_terms_own_no_parameters():
     assert MGLLLoss(pointwise_weight=0.0).pointwise is None
-    assert len(list(MGLLLoss().parameters())) == 2
+    assert len(list(MGLLLoss().parameters())) == 0  # the default a2 = 0 (benchmarks/results/ablation.md)
+    assert len(list(MGLLLoss(pointwise_weight=0.1).parameters())) == 2
 
 
 def _random_features(n, d, seed):
@@ -243,3 +247,135 @@ def test_mgll_loss_finite_under_bf16_autocast():
         out = loss(IMG.float(), [T1.float(), T2.float()], [Y1.float(), Y2.float()], torch.tensor(100.0))
     assert all(torch.isfinite(v) for v in out.values())
     assert out["loss"].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- the study's variants, by hand
+
+# a third level with 4 texts, so "levels with >= 3 texts" keeps two of three levels
+T3 = _unit([[0.3, 0.3, 0.9], [0.8, -0.2, 0.1], [0.1, 0.6, -0.4], [-0.7, 0.2, 0.3]])
+Y3 = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=D)
+
+
+def _bce_sum(img, txt, y, t, b):
+    return _hand_pointwise(img, txt, y, t, b) * y.shape[0]  # the hand helper divides by B
+
+
+def test_pointwise_reductions_match_hand_scales():
+    t, b = torch.tensor(10.0, dtype=D), torch.tensor(-3.0, dtype=D)
+    for txt, y in ((T1, Y1), (T2, Y2), (T3, Y3)):
+        total = _bce_sum(IMG, txt, y, 10.0, -3.0)
+        B, K = y.shape
+        pos = float(y.sum())
+        assert pointwise_loss(IMG, txt, y, t, b, "sum_texts").item() == pytest.approx(total / B, abs=1e-12)
+        assert pointwise_loss(IMG, txt, y, t, b, "mean_pairs").item() == pytest.approx(total / (B * K), abs=1e-12)
+        assert pointwise_loss(IMG, txt, y, t, b, "mean_positives").item() == pytest.approx(total / pos, abs=1e-12)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        pointwise_loss(IMG, T1, Y1, t, b, "mean")
+
+
+def _pointwise_only(**opts):
+    return MGLLLoss(soft_clip_weight=0.0, pointwise_weight=1.0, smooth_kl_weight=0.0, options=MGLLOptions(**opts)).double()
+
+
+def test_fixed_pointwise_temperature_is_siglip_init_without_parameters():
+    loss = _pointwise_only(pointwise_temperature="fixed")
+    assert loss.pointwise is None and not list(loss.parameters())
+    out = loss(IMG, [T1, T2], [Y1, Y2], SCALE)
+    want = (_hand_pointwise(IMG, T1, Y1, 10.0, -10.0) + _hand_pointwise(IMG, T2, Y2, 10.0, -10.0)) / 2
+    assert out["pointwise"].item() == pytest.approx(want, abs=1e-12)
+    learn = _pointwise_only()
+    with torch.no_grad():
+        learn.pointwise.pointwise_logit_scale.fill_(math.log(4.0))  # a learnt value moves it; the fixed one cannot move
+    assert learn(IMG, [T1, T2], [Y1, Y2], SCALE)["pointwise"].item() != pytest.approx(want, abs=1e-3)
+
+
+def test_pointwise_on_fine_levels_only_leaves_out_the_coarsest():
+    loss = _pointwise_only(pointwise_levels="fine", pointwise_temperature="fixed", pointwise_reduction="mean_pairs")
+    out = loss(IMG, [T1, T2, T3], [Y1, Y2, Y3], SCALE)
+    fine = (_bce_sum(IMG, T2, Y2, 10.0, -10.0) / 9 + _bce_sum(IMG, T3, Y3, 10.0, -10.0) / 12) / 2
+    assert out["pointwise"].item() == pytest.approx(fine, abs=1e-12)
+    assert out["loss"].item() == pytest.approx(fine, abs=1e-12)
+    single = loss(IMG, [T2], [Y2], SCALE)  # one level: it is the fine level
+    assert single["pointwise"].item() == pytest.approx(_bce_sum(IMG, T2, Y2, 10.0, -10.0) / 9, abs=1e-12)
+
+
+def _kl_only(**opts):
+    return MGLLLoss(soft_clip_weight=0.0, pointwise_weight=0.0, smooth_kl_weight=1.0, options=MGLLOptions(**opts)).double()
+
+
+def test_smooth_kl_on_levels_with_enough_texts():
+    samples = [_hand_sample(T, Y) for T, Y in ((T1, Y1), (T2, Y2), (T3, Y3))]
+    every = _kl_only()(IMG, [T1, T2, T3], [Y1, Y2, Y3], SCALE)["smooth_kl"].item()
+    assert every == pytest.approx(_hand_smooth_kl(IMG, samples, 5.0), abs=1e-12)
+    kept = _kl_only(smooth_kl_levels="min_texts", smooth_kl_min_texts=3)(IMG, [T1, T2, T3], [Y1, Y2, Y3], SCALE)
+    want = _hand_smooth_kl(IMG, samples[1:], 5.0)  # level 1 has 2 texts: out of the mixture
+    assert want > 1e-3 and kept["smooth_kl"].item() == pytest.approx(want, abs=1e-12)
+    four = _kl_only(smooth_kl_levels="min_texts", smooth_kl_min_texts=4)(IMG, [T1, T2, T3], [Y1, Y2, Y3], SCALE)
+    assert four["smooth_kl"].item() == 0.0  # one level left: no mixture to be close to
+
+
+def _hand_smooth_kl_t2i(img, samples_per_level, s):
+    """Column direction: for each sample text j, a softmax over the images i."""
+    B = img.shape[0]
+    probs = []
+    for samples in samples_per_level:
+        Q = []
+        for j in range(B):
+            logits = [s * _dot(samples[j], img[i]) for i in range(B)]
+            z = sum(math.exp(v) for v in logits)
+            Q.append([math.exp(v) / z for v in logits])
+        probs.append(Q)
+    total = 0.0
+    for Q in probs:
+        kl = 0.0
+        for j in range(B):
+            for i in range(B):
+                m = sum(R[j][i] for R in probs) / len(probs)
+                kl += Q[j][i] * math.log(Q[j][i] / m)
+        total += kl / B
+    return total
+
+
+def test_smooth_kl_text_to_image_direction():
+    samples = [_hand_sample(T1, Y1), _hand_sample(T2, Y2)]
+    got = _kl_only(smooth_kl_direction="text_to_image")(IMG, [T1, T2], [Y1, Y2], SCALE)["smooth_kl"].item()
+    want = _hand_smooth_kl_t2i(IMG, samples, 5.0)
+    assert want > 1e-3 and got == pytest.approx(want, abs=1e-12)
+    assert abs(want - _hand_smooth_kl(IMG, samples, 5.0)) > 1e-4  # not the row direction under another name
+
+
+def test_smooth_kl_schedules():
+    assert [schedule_factor("constant", p, 0.5) for p in (0, 0.5, 1)] == [1.0, 1.0, 1.0]
+    assert [schedule_factor("warmup", p, 0.5) for p in (0, 0.25, 0.5, 0.9)] == [0.0, 0.5, 1.0, 1.0]
+    assert [schedule_factor("decay", p, 0.5) for p in (0, 0.5, 0.75, 1.0)] == [1.0, 1.0, 0.5, 0.0]
+    loss = MGLLLoss(soft_clip_weight=1.0, pointwise_weight=0.0, smooth_kl_weight=2.0,
+                    options=MGLLOptions(smooth_kl_schedule="warmup", smooth_kl_ramp=0.4)).double()
+    soft = (_hand_soft_clip(IMG, T1, Y1, 5.0) + _hand_soft_clip(IMG, T2, Y2, 5.0)) / 2
+    kl = _hand_smooth_kl(IMG, [_hand_sample(T1, Y1), _hand_sample(T2, Y2)], 5.0)
+    for progress, r in ((0.0, 0.0), (0.1, 0.25), (0.6, 1.0)):
+        loss.progress = progress
+        out = loss(IMG, [T1, T2], [Y1, Y2], SCALE)
+        assert out["smooth_kl"].item() == pytest.approx(kl, abs=1e-12)  # logged unweighted
+        assert out["loss"].item() == pytest.approx(soft + 2.0 * r * kl, abs=1e-12)
+
+
+def test_soft_clip_coarse_level_weight():
+    l1, l2, l3 = (_hand_soft_clip(IMG, T, Y, 5.0) for T, Y in ((T1, Y1), (T2, Y2), (T3, Y3)))
+    for w in (0.0, 0.5, 2.0):
+        loss = MGLLLoss(soft_clip_weight=1.0, pointwise_weight=0.0, smooth_kl_weight=0.0,
+                        options=MGLLOptions(soft_clip_coarse=w)).double()
+        out = loss(IMG, [T1, T2, T3], [Y1, Y2, Y3], SCALE)
+        assert out["soft_clip"].item() == pytest.approx((w * l1 + l2 + l3) / (w + 2), abs=1e-12)
+    plain = MGLLLoss(pointwise_weight=0.0, smooth_kl_weight=0.0).double()(IMG, [T1, T2, T3], [Y1, Y2, Y3], SCALE)
+    assert plain["soft_clip"].item() == pytest.approx((l1 + l2 + l3) / 3, abs=1e-12)
+
+
+def test_options_are_config_keys_and_validated():
+    cfg = load_config(overrides=["loss.pointwise_reduction=mean_pairs", "loss.smooth_kl_levels=min_texts",
+                                 "loss.smooth_kl_min_texts=4", "loss.soft_clip_coarse=0.5"])
+    assert (cfg.loss.pointwise_reduction, cfg.loss.smooth_kl_min_texts, cfg.loss.soft_clip_coarse) == ("mean_pairs", 4, 0.5)
+    assert set(MGLLOptions.names()) <= set(vars(cfg.loss))
+    with pytest.raises(ValueError, match="loss.smooth_kl_direction must be one of"):
+        load_config(overrides=["loss.smooth_kl_direction=both"])
+    with pytest.raises(ValueError, match="smooth_kl_ramp"):
+        load_config(overrides=["loss.smooth_kl_ramp=0"])

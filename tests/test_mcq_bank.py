@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mgll.data import FUNDUS_DISEASES, make_synthetic
-from mgll.mllm_eval.question_bank import BANK_VERSION, build_bank, canonical_disease, load_bank, write_bank
+from mgll.data.question_bank import BANK_VERSION, build_bank, canonical_disease, load_bank, write_bank
 
 torch.set_num_threads(1)
 
@@ -88,3 +88,22 @@ def test_synonyms_resolve_and_bad_settings_are_refused(ds):
         build_bank(ds, k=11)
     with pytest.raises(ValueError, match=r"level 'nope' not in the dataset card"):
         build_bank(ds, level="nope")
+
+
+def test_max_per_disease_caps_each_disease_and_keeps_the_rest(ds, tmp_path):
+    full = build_bank(ds, seed=0)
+    counts = full.counts()
+    cap = 3
+    assert max(counts.values()) > cap  # the cap bites on this bank
+    capped = build_bank(ds, seed=0, max_per_disease=cap)
+    assert capped.counts() == {d: min(n, cap) for d, n in counts.items()}
+    assert set(capped.questions) <= set(full.questions)  # the same questions, not redrawn ones
+    order = [q.qid for q in full.questions]
+    assert [q.qid for q in capped.questions] == [q for q in order if q in {c.qid for c in capped.questions}]
+    write_bank(capped, tmp_path / "bank.jsonl")
+    back = load_bank(tmp_path / "bank.jsonl")
+    assert back.max_per_disease == cap and back.questions == capped.questions
+    assert json.loads((tmp_path / "bank.jsonl").read_text().splitlines()[0])["max_per_disease"] == cap
+    assert build_bank(ds, seed=0, max_per_disease=10**6).questions == full.questions
+    with pytest.raises(ValueError, match="max_per_disease=0"):
+        build_bank(ds, max_per_disease=0)

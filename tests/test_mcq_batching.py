@@ -28,7 +28,7 @@ from PIL import Image
 import mgll.mllm_eval.scoring as scoring
 from mgll.cli import main as mgll_main
 from mgll.data import FUNDUS_DISEASES, make_synthetic
-from mgll.mllm_eval.question_bank import QUESTION, build_bank, write_bank
+from mgll.data.question_bank import QUESTION, build_bank, write_bank
 from mgll.mllm_eval.scoring import load_model, read_answers, run_bank, run_mcq
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -256,6 +256,15 @@ def test_rows_that_stop_early_carry_no_pad_text(root, bank):
     model, processor = _model("janus", root)
     plain = processor.tokenizer("the", add_special_tokens=False)["input_ids"][0]
     model.generation_config.pad_token_id = plain
+    # make some rows stop early by design: a token that some row generates second (and no row first) becomes a
+    # stop token too, whatever the random model and the synthetic bank happen to produce
+    run_bank(bank, "janus", model, processor, root / "janus-pad-probe", mode="generate", max_new_tokens=6,
+             progress=False)
+    gen = [processor.tokenizer(r["text"], add_special_tokens=False)["input_ids"] for r in _rows(root / "janus-pad-probe")]
+    firsts = {g[0] for g in gen if g}
+    second = next(g[1] for g in gen if len(g) > 2 and g[1] not in firsts and g[1] != plain)
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [*(eos if isinstance(eos, (list, tuple)) else [eos]), second]
     stops = scoring._stop_ids("janus", model)
     one, eight = (run_bank(bank, "janus", model, processor, root / f"janus-pad-{bs}", mode="generate", max_new_tokens=6,
                            batch_size=bs, progress=False) for bs in (1, 8))

@@ -8,9 +8,9 @@ import torch
 
 from mgll.adapters.cli import register as register_adapters
 from mgll.data import FUNDUS_DISEASES, make_synthetic
+from mgll.data.question_bank import QUESTION, load_bank
 from mgll.encoder.factory import create_encoder, save_encoder
 from mgll.mllm_eval.cli import register
-from mgll.mllm_eval.question_bank import QUESTION, load_bank
 from mgll.testing.tiny import make_tiny_llava
 
 torch.set_num_threads(1)

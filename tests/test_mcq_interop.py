@@ -21,9 +21,9 @@ from PIL import Image
 from mgll.cli import main
 from mgll.data import make_synthetic
 from mgll.data.pixel_budget import load_rgb
+from mgll.data.question_bank import LETTERS, build_bank, format_question, load_bank, write_bank
 from mgll.mllm_eval.export_common import metric_key
 from mgll.mllm_eval.extract import extract_answer
-from mgll.mllm_eval.question_bank import LETTERS, build_bank, format_question, load_bank, write_bank
 from mgll.mllm_eval.report import load_results, summarise
 
 N_MAIN = 1_000_000

@@ -32,9 +32,9 @@ import torch
 
 from mgll.cli import main
 from mgll.data import FUNDUS_DISEASES, make_synthetic
+from mgll.data.question_bank import QUESTION
 from mgll.encoder.factory import create_encoder, save_encoder
 from mgll.mllm_eval.export_common import metric_key
-from mgll.mllm_eval.question_bank import QUESTION
 from mgll.mllm_eval.report import load_results
 from mgll.testing.tiny import make_tiny_llava
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from mgll.data.question_bank import Question, QuestionBank, write_bank
 from mgll.mllm_eval.paired import paired_accuracy
-from mgll.mllm_eval.question_bank import Question, QuestionBank, write_bank
 from mgll.mllm_eval.report import compare, compare_table, load_results, mcq_verdict, summarise, write_results
 
 torch.set_num_threads(1)

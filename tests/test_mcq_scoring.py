@@ -10,8 +10,8 @@ from PIL import Image
 
 import mgll.mllm_eval.scoring as scoring
 from mgll.data import FUNDUS_DISEASES, make_synthetic
+from mgll.data.question_bank import QUESTION, build_bank
 from mgll.mllm_eval.extract import extract_answer
-from mgll.mllm_eval.question_bank import QUESTION, build_bank
 from mgll.mllm_eval.scoring import (
     build_prompt,
     encode_prefix,

@@ -11,12 +11,20 @@ from mgll.quickstart import run_quickstart
 
 def test_quickstart_writes_data_and_both_encoders(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--n", "120", "--steps", "4", "--mcq-steps", "3", "--no-progress"]) == 0
+    # a reduced configuration: the default (420/600/2000 images, 300 steps, 600 + 800 MCQ steps) takes ~5 min
+    assert main(["quickstart", "--out", str(out), "--n", "160", "--splits", "0.6", "0.15", "0.25", "--steps", "4",
+                 "--mcq-steps", "3", "--lm-steps", "3", "--mcq-per-disease", "4", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert str(out / "encoder-mgll" / "encoder") in printed and str(out / "encoder-clip" / "encoder") in printed
     # the verdicts come from the paired bootstrap: "MGLL − CLIP = +x [lo, hi]: ..."
     assert re.search(r"probe verdict .*: MGLL − CLIP = [+−]\d\.\d{3} \[[+−]\d\.\d{3}, [+−]\d\.\d{3}\]: ", printed), printed
     assert re.search(r"MCQ verdict .*: tiny LLaVA \+ MGLL − tiny LLaVA = ", printed), printed
+    assert re.search(r"paired CI half-width 0\.\d{3} on \d+ test images", printed), printed
+    assert re.search(r"questions per disease: min \d+, max [1-4]\b", printed), printed  # the bank's cap
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["splits"] == [0.6, 0.15, 0.25] and summary["probe_verdict"].startswith("MGLL − CLIP = ")
+    assert max(summary["mcq"]["bank_counts"].values()) <= 4 and summary["mcq"]["timing"]["text_lm_reused"] is False
+    assert any((out / "text-lm-cache").glob("*/text_lm.json"))  # the shared LM, kept outside mcq/ for the next run
     assert (out / "data" / "synthetic-fundus" / "records.jsonl").is_file()
     # stage 4: both encoders probed on the disease level (multi-label) and compared, CLIP first
     assert "| metric / class AUC | CLIP | MGLL | Δ MGLL − CLIP |" in printed
@@ -38,7 +46,7 @@ def test_quickstart_writes_data_and_both_encoders(tmp_path, capsys):
     assert str(mcq) in printed and "+ MGLL" in mcq.read_text()
     # rerunning into the same folder replaces the runs instead of failing or mixing them
     # (library call: the CLI has no flag to skip the probe's bootstrap, which only costs time here)
-    run_quickstart(out, n_images=120, steps=3, progress=False, probe_bootstrap=0, mcq_steps=0)
+    run_quickstart(out, n_images=160, splits=(0.6, 0.15, 0.25), steps=3, progress=False, probe_bootstrap=0, mcq_steps=0)
     assert not (out / "mcq").exists()  # no stale MCQ results of the previous encoders
     rows = (out / "encoder-mgll" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]

@@ -8,15 +8,20 @@ from PIL import Image
 from mgll.data import FUNDUS_DISEASES, RecordImageDataset, collate_records, load_dataset, make_synthetic
 from mgll.data.synthetic import (
     FUNDUS_EXPLANATIONS,
+    NO_FINDING,
     NORMAL_DISEASE,
     SEVERITIES,
+    XRAY_FINDINGS,
     XRAY_MODALITIES,
+    XRAY_REPORTS,
     XRAY_SERIES,
     XRAY_STUDIES,
-    _blur,
+    _plan_fundus,
+    _plan_xray,
     render_fundus,
     render_xray,
 )
+from mgll.data.synthetic.drawing import _blur
 
 DR, DME, TES, MYO, HAZE, CAT, AMD = (
     "diabetic retinopathy",
@@ -201,7 +206,7 @@ def test_dr_images_differ_from_normal_in_lesion_channel(fundus):
 def test_xray_loads_and_labels(xray):
     again = load_dataset(xray.root)
     assert again.card.name == "synthetic-xray"
-    assert again.card.level_names == ("modality", "study", "series")
+    assert again.card.level_names == ("modality", "study", "series", "finding", "report")
     assert again.card.level("series").text("lateral view") == "a lateral view"
     assert set(again.label_vocab("modality")) == set(XRAY_MODALITIES)
     assert set(again.label_vocab("study")) == set(XRAY_STUDIES)
@@ -233,3 +238,79 @@ def test_xray_modality_and_view_are_visible():
         assert widths["lateral view"] < widths["pa view"] - 10
         imgs = [render_xray(XRAY_MODALITIES[1], "hand", s, 64, (6, k)) for s in XRAY_SERIES["hand"]]
         assert len({i.tobytes() for i in imgs}) == 3
+
+
+# --------------------------------------------------------------------------- realism: published frequencies
+
+
+def _freqs(plan, key):
+    counts = defaultdict(int)
+    for _, spec in plan:
+        for d in spec[key]:
+            counts[d] += 1
+    return {d: c / len(plan) for d, c in counts.items()}
+
+
+def test_fundus_frequencies_are_long_tailed_like_rfmid_and_odir():
+    plan = _plan_fundus(20000, np.random.default_rng(0))
+    f = _freqs(plan, "diseases")
+    normal = sum(not spec["diseases"] for _, spec in plan) / len(plan)
+    assert 0.18 < normal < 0.35  # RFMiD 21 %, ODIR-5K 32 %
+    ranked = sorted(f, key=f.get, reverse=True)
+    assert ranked[0] == DR  # the head in both datasets
+    assert set(ranked[-2:]) == {"retinitis pigmentosa", "central serous retinopathy"}  # RFMiD's tail
+    assert f[ranked[0]] / f[ranked[-1]] > 8  # a long tail, not a flat prior
+    assert min(f.values()) > 0.02  # floor: ~30 of the rarest disease in a 2,000-image test split
+
+
+def test_xray_chest_findings_follow_chestxray14():
+    plan = _plan_xray(20000, np.random.default_rng(0))
+    chest = [(p, s) for p, s in plan if s["study"] == "chest"]
+    assert all(not s["findings"] for p, s in plan if s["study"] != "chest")
+    assert 0.45 < len(chest) / len(plan) < 0.65
+    f = _freqs(chest, "findings")
+    assert set(f) == set(XRAY_FINDINGS)
+    normal = sum(not s["findings"] for _, s in chest) / len(chest)
+    assert 0.4 < normal < 0.6  # ChestX-ray14: 53.8 % "No Finding"
+    ranked = sorted(f, key=f.get, reverse=True)
+    assert ranked[:3] == ["infiltration", "effusion", "atelectasis"]  # ChestX-ray14's three most frequent
+    assert f[ranked[0]] / f[ranked[-1]] > 5
+
+    def p(cond, given=None):
+        pool = [s["findings"] for _, s in chest if given is None or given in s["findings"]]
+        return sum(cond in x for x in pool) / len(pool)
+
+    assert p("effusion", "cardiomegaly") > p("effusion") + 0.2  # co-occurring pairs
+    assert p("nodule", "mass") > 3 * p("nodule", None) - 0.1 and p("nodule", "mass") > p("nodule")
+    assert p("effusion", "edema") > p("effusion") + 0.2
+
+
+def test_xray_labels_and_reports(xray):
+    for r in xray.records:
+        (study,) = r.labels["study"]
+        if r.labels["finding"] == (NO_FINDING,):
+            assert len(r.labels["report"]) == 1 and r.labels["report"][0].startswith("no acute")
+        else:
+            assert study == "chest" and NO_FINDING not in r.labels["finding"]
+            assert len(r.labels["report"]) == len(r.labels["finding"])
+            for f, text in zip(r.labels["finding"], r.labels["report"]):
+                assert text in {XRAY_REPORTS[(f, s)] for s in SEVERITIES}
+    assert len({XRAY_REPORTS[(f, s)] for f in XRAY_FINDINGS for s in SEVERITIES}) == 30
+    with pytest.raises(ValueError, match="chest films only"):
+        render_xray(XRAY_MODALITIES[1], "knee", "ap view", 64, (0, 0), {"effusion": 1})
+
+
+@pytest.mark.parametrize("finding", XRAY_FINDINGS)
+def test_each_chest_finding_draws_a_visible_sign(finding):
+    """Same seed with and without the finding: the film changes, more with severity (PA view)."""
+    diffs = []
+    for sev in range(3):
+        d = []
+        for k in range(4):
+            clean = render_xray(XRAY_MODALITIES[1], "chest", "pa view", 64, (9, k)).astype(float)
+            sick = render_xray(XRAY_MODALITIES[1], "chest", "pa view", 64, (9, k), {finding: sev}).astype(float)
+            diff = np.abs(sick - clean)
+            assert (diff > 20).sum() >= 5, (finding, sev, k)
+            d.append(diff.mean())
+        diffs.append(np.mean(d))
+    assert diffs[0] < diffs[2], diffs

@@ -233,7 +233,7 @@ def test_pointwise_scale_is_clamped_and_its_gradient_finite_past_89():
     from mgll.encoder.factory import create_encoder
 
     encoder, _, _, tok, _ = create_encoder("mgll-tiny-vit")
-    model = ContrastiveModel(encoder, tok, fundus_card().levels, loss="mgll")
+    model = ContrastiveModel(encoder, tok, fundus_card().levels, loss="mgll", loss_weights={"pointwise": 0.1})
     scale = model.mgll.pointwise.pointwise_logit_scale
     with torch.no_grad():
         scale.fill_(95.0)  # exp(95) is inf in float32

@@ -44,7 +44,9 @@ def test_train_writes_encoder_metrics_and_checkpoints(fundus_dataset, tmp_path, 
 
 
 def test_training_reduces_the_loss(fundus_dataset, tmp_path):
-    run = train(_cfg(fundus_dataset.root, tmp_path / "run", steps=30), progress=False)
+    """60 steps: without the point-wise term (default a2 = 0 since the term study) the loss falls more slowly
+    than it did with it (0.81 of its start after 30 steps, 0.77 after 60)."""
+    run = train(_cfg(fundus_dataset.root, tmp_path / "run", steps=60), progress=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5

@@ -68,6 +68,10 @@ class AlignConfig:
     lora_dropout: float = 0.05
     qlora: bool = False
     train_tower: bool = False
+    # > 0: also one multiple-choice instruction per question of the split's ten-disease bank (k options),
+    # asked exactly as `mgll mcq` asks it and answered "B. cataract" (LLaVA's stage-2 instruction data)
+    mcq_k: int = 0
+    mcq_seed: int = 1  # the bank's seed: not the test bank's 0, so the distractors differ
     projector: str | None = None  # stage-1 projector.safetensors to start from
     deepspeed: str | None = None  # DeepSpeed JSON (configs/deepspeed/zero3.json); "auto" values come from here
     precision: str = "fp32"
@@ -105,11 +109,17 @@ def record_caption(card, labels: dict[str, tuple[str, ...]], levels: list[str] |
 
 
 class CaptionPairs(Dataset):
-    """(PIL image, caption) per record; unreadable images are skipped and listed in ``skipped``."""
+    """(PIL image, instruction, target) per record's caption, plus per MCQ question with ``mcq_k``.
 
-    def __init__(self, ds, split: str | None, levels: list[str] | None):
+    Captions take ``instruction``; multiple-choice rows take the bank's own question text (options
+    and answer instruction included) and answer with the option text, so stage 2 trains on the
+    exact prompts ``mgll mcq`` scores. Unreadable images are skipped and listed in ``skipped``.
+    """
+
+    def __init__(self, ds, split: str | None, levels: list[str] | None, instruction: str = "",
+                 mcq_k: int = 0, mcq_seed: int = 1):
         recs = ds.records if split is None else ds.split(split)
-        self.items: list[tuple[Path, str]] = []
+        self.items: list[tuple[Path, str, str]] = []
         self.skipped: list[str] = []
         for rec in recs:
             path = Path(ds.image_path(rec))
@@ -119,7 +129,17 @@ class CaptionPairs(Dataset):
             elif not caption:
                 self.skipped.append(f"{rec.image} (line {rec.line}): no labels at the caption levels")
             else:
-                self.items.append((path, caption))
+                self.items.append((path, instruction, caption))
+        self.n_mcq = 0
+        if mcq_k and self.items:
+            from mgll.data.question_bank import build_bank, format_question, option_text
+
+            bank = build_bank(ds, k=mcq_k, seed=mcq_seed, split=split)
+            for q in bank.questions:
+                path = bank.image_path(q)
+                if path.is_file():
+                    self.items.append((path, format_question(bank.question, q.options), option_text(q.answer_index, q.answer)))
+                    self.n_mcq += 1
         if not self.items:
             raise ValueError(f"{ds.root}: no usable records in split {split!r} ({len(self.skipped)} skipped)")
 
@@ -127,8 +147,8 @@ class CaptionPairs(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        path, caption = self.items[i]
-        return load_rgb(path), caption
+        path, instruction, target = self.items[i]
+        return load_rgb(path), instruction, target
 
 
 class StepSampler(Sampler[int]):
@@ -153,7 +173,7 @@ class StepSampler(Sampler[int]):
 
 
 def _collate(batch):
-    return [b[0] for b in batch], [b[1] for b in batch]
+    return [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
 
 
 def latest_align_checkpoint(out: str | os.PathLike) -> Path | None:
@@ -378,7 +398,7 @@ def align(
     set_seed(cfg.seed)
 
     ds = load_dataset(cfg.data)
-    pairs = CaptionPairs(ds, cfg.split, cfg.levels)
+    pairs = CaptionPairs(ds, cfg.split, cfg.levels, cfg.instruction, cfg.mcq_k, cfg.mcq_seed)
     processor = load_processor(cfg.model)
     if cfg.chat_template:
         processor.chat_template = read_chat_template(cfg.chat_template)
@@ -436,8 +456,8 @@ def align(
     batches = iter(loader)
     if rng is not None:  # after iter(): creating the iterator draws from the global generator
         torch.set_rng_state(rng)
-    for images, captions in batches:
-        batch = host.build_batch(base, processor, images, [cfg.instruction] * len(captions), captions)
+    for images, instructions, targets in batches:
+        batch = host.build_batch(base, processor, images, instructions, targets)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(host.tower(base).dtype)
         with accelerator.autocast():
@@ -516,6 +536,7 @@ def _finish(out: Path, cfg, spec, ckpt: Path, step, losses, pairs, ds) -> None:
         "host": spec["host"],
         "steps": step,
         "pairs": len(pairs),
+        "mcq_pairs": pairs.n_mcq,
         "skipped": pairs.skipped,
         "loss_first": sum(losses[:k]) / k if losses else None,
         "loss_last": sum(losses[-k:]) / k if losses else None,

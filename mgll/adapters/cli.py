@@ -75,6 +75,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         deepspeed=args.deepspeed,
         instruction=args.instruction,
         chat_template=args.chat_template,
+        mcq_k=args.mcq_k,
     )
     out = align(cfg, resume=args.resume, progress=not args.no_progress)
     with open(out / "summary.json", encoding="utf-8") as f:
@@ -159,6 +160,8 @@ def register(sub) -> None:
     p.add_argument("--projector", help="start from this projector.safetensors (e.g. stage 1's)")
     p.add_argument("--instruction", default=d.instruction,
                    help="the user turn of every example, wrapped in the model's chat template as inference wraps a question")
+    p.add_argument("--mcq-k", type=int, default=0, metavar="K",
+                   help="also train on the split's ten-disease MCQ bank (K options), asked as `mgll mcq` asks (stage 2)")
     p.add_argument("--chat-template", metavar="JINJA", help="a chat template file replacing the model folder's (saved with the run)")
     p.add_argument("--precision", default=d.precision, help="fp32 | bf16 | fp16 | auto (accelerate mixed precision)")
     p.add_argument("--num-workers", type=int, default=0)

@@ -107,7 +107,7 @@ def load_image(
 def mcq_preset() -> str:
     """The ten-disease question with all ten diseases as options, in ``mgll mcq``'s prompt format."""
     from mgll.data import FUNDUS_DISEASES
-    from mgll.mllm_eval.question_bank import QUESTION
+    from mgll.data.question_bank import QUESTION
     from mgll.mllm_eval.scoring import format_question
 
     return format_question(QUESTION, FUNDUS_DISEASES)

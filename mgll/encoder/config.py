@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from mgll.encoder.losses import DEFAULT_WEIGHTS
+from mgll.encoder.losses import DEFAULT_WEIGHTS, MGLLOptions
 
 __all__ = ["DataConfig", "ModelConfig", "LossConfig", "TrainConfig", "RunConfig", "load_config", "apply_overrides"]
 
@@ -41,8 +41,18 @@ class ModelConfig:
 class LossConfig:
     name: str = "mgll"  # clip | siglip | mgll
     soft_clip: float = DEFAULT_WEIGHTS["soft_clip"]  # a1
-    pointwise: float = DEFAULT_WEIGHTS["pointwise"]  # a2 (see losses.py for why 0.1)
+    pointwise: float = DEFAULT_WEIGHTS["pointwise"]  # a2 (0: the term study chose it; losses.py says why)
     smooth_kl: float = DEFAULT_WEIGHTS["smooth_kl"]  # a3
+    # variants of the terms (equations in losses.py; each measured by benchmarks/ablation.py)
+    pointwise_reduction: str = "sum_texts"  # sum_texts | mean_pairs | mean_positives
+    pointwise_temperature: str = "learnable"  # learnable | fixed
+    pointwise_levels: str = "all"  # all | fine (levels 2..L)
+    smooth_kl_levels: str = "all"  # all | min_texts (levels with >= smooth_kl_min_texts texts in the batch)
+    smooth_kl_min_texts: int = 3
+    smooth_kl_direction: str = "image_to_text"  # image_to_text | text_to_image
+    smooth_kl_schedule: str = "constant"  # constant | warmup | decay
+    smooth_kl_ramp: float = 0.5  # fraction of training the warm-up / decay spans
+    soft_clip_coarse: float = 1.0  # weight of the coarsest level in the soft-CLIP mean (finer levels: 1)
 
 
 @dataclass
@@ -168,3 +178,7 @@ def _validate(cfg: RunConfig, where: str) -> None:
         w = getattr(cfg.loss, name)
         if not (0 <= w < float("inf")):
             raise ValueError(f"{where}: loss.{name} must be a finite weight >= 0, got {w!r}")
+    try:
+        MGLLOptions(**{k: getattr(cfg.loss, k) for k in MGLLOptions.names()})
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None

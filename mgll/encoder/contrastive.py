@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mgll.encoder.batch_texts import BatchTexts, build_batch_texts
 from mgll.encoder.distributed import gather_objects, gather_rows_with_grad, rank_and_world
-from mgll.encoder.losses import DEFAULT_WEIGHTS, MGLLLoss, clip_loss, siglip_loss
+from mgll.encoder.losses import DEFAULT_WEIGHTS, MGLLLoss, MGLLOptions, clip_loss, siglip_loss
 from mgll.encoder.text_encoding import encode_texts
 
 __all__ = ["LOSS_NAMES", "ContrastiveModel"]
@@ -38,6 +38,7 @@ class ContrastiveModel(nn.Module):
         loss: str = "mgll",
         loss_weights: Mapping[str, float] | None = None,
         trim_text: bool = True,
+        loss_options: MGLLOptions | None = None,
     ):
         super().__init__()
         if loss not in LOSS_NAMES:
@@ -59,12 +60,18 @@ class ContrastiveModel(nn.Module):
                 soft_clip_weight=weights["soft_clip"],
                 pointwise_weight=weights["pointwise"],
                 smooth_kl_weight=weights["smooth_kl"],
+                options=loss_options,
             )
             if loss == "mgll"
             else None
         )
         if loss == "siglip" and getattr(encoder, "logit_bias", None) is None:
             raise ValueError("the siglip loss needs an encoder created with init_logit_bias (e.g. -10)")
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress (step / steps) for the loss's schedules; a no-op for CLIP and SigLIP."""
+        if self.mgll is not None:
+            self.mgll.progress = float(progress)
 
     def logit_scale(self) -> torch.Tensor:
         return self.encoder.logit_scale.exp()

@@ -44,6 +44,7 @@ from mgll.encoder.config import RunConfig
 from mgll.encoder.contrastive import ContrastiveModel
 from mgll.encoder.factory import create_encoder, save_encoder
 from mgll.encoder.finite import FiniteGuard, all_ranks_agree, finite_or_none
+from mgll.encoder.losses import MGLLOptions
 from mgll.encoder.resume_guard import CHANGES_FILE, check_resume_config, record_changes
 from mgll.encoder.sampler import GlobalBatchSampler, SeededItems
 from mgll.encoder.zero import (
@@ -86,7 +87,9 @@ def build_model(cfg: RunConfig, levels) -> tuple[ContrastiveModel, Any, Any, str
     if cfg.model.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
     weights = {"soft_clip": cfg.loss.soft_clip, "pointwise": cfg.loss.pointwise, "smooth_kl": cfg.loss.smooth_kl}
-    model = ContrastiveModel(encoder, tokenizer, levels, loss=cfg.loss.name, loss_weights=weights, trim_text=cfg.model.trim_text)
+    options = MGLLOptions(**{k: getattr(cfg.loss, k) for k in MGLLOptions.names()})
+    model = ContrastiveModel(encoder, tokenizer, levels, loss=cfg.loss.name, loss_weights=weights,
+                             trim_text=cfg.model.trim_text, loss_options=options)
     return model, preprocess_train, preprocess_val, name
 
 
@@ -313,6 +316,7 @@ def train(
             break
         batch_images, label_sets = batch[0], batch[1]  # shard batches also carry their record indices
         batch_images = batch_images.to(accelerator.device, dtype=input_dtype, non_blocking=True)
+        core.set_progress(step / max(cfg.train.steps, 1))  # smooth_kl_schedule: a function of the step, so resume-safe
         with accelerator.autocast():
             out = model(batch_images, label_sets) if accum is None else accum.forward(batch_images, label_sets)
         terms = {k: float(v.detach()) for k, v in out.items()}

@@ -10,7 +10,7 @@ __all__ = ["register"]
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from mgll.data import load_dataset
-    from mgll.mllm_eval.question_bank import build_bank, write_bank
+    from mgll.data.question_bank import build_bank, write_bank
     from mgll.mllm_eval.report import SHORT_NAMES
 
     bank = build_bank(load_dataset(args.dataset), k=args.k, seed=args.seed, split=args.split, level=args.level,
@@ -51,7 +51,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from mgll.mllm_eval.question_bank import load_bank
+    from mgll.data.question_bank import load_bank
     from mgll.mllm_eval.scoring import merge_run
 
     if not Path(args.out).is_dir():

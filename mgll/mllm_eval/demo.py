@@ -1,113 +1,132 @@
-"""Offline Table-2 demonstration: one tiny LLaVA, a CLIP-trained and an MGLL-trained tower, same training budget.
+"""Offline Table-2 demonstration, run the way users run a swap: one language model, two towers.
 
-Both copies start from the same random-init LLaVA (tiny Llama LM, word tokenizer built from the
-dataset's own texts) and get their tower swapped in with the same projector seed. Each is then
-trained with the same steps, batches and seed on the training split, tower frozen: captions
-(``record_caption``) mixed with MCQ-style instructions (the training split's own question bank,
-answered ``"B. cataract"`` in the exact prompt format scoring uses). The LM is random-init, so
-it trains with the projector; only the frozen tower differs between the two copies, so the
-delta row is the encoder's contribution, as in the paper's "+ MGLL" rows. Both then answer the
-test split's bank in ``loglik`` mode. Meant for ``mgll quickstart``'s last stage; the numbers
-are a smoke signal on synthetic data, not the paper's.
+The paper's "+ MGLL" rows swap a vision encoder into an MLLM whose language model already
+exists, then align. Here, offline and on CPU:
+
+1. **One language model, trained once on text and shared.** A tiny random-init LLaVA's LM is
+   trained on the training split's *text only* (captions, and each training question with its
+   answer ``"B. cataract"``), laid out as :func:`mgll.adapters.prompts.build_prompt` lays out a
+   prompt, minus the image. It learns the answer format and the label priors, never an image. It
+   is cached under a hash of its texts and settings (``lm_cache``), so both arms, and later runs
+   on the same data, start from the very same weights.
+2. **Per tower, the swap protocol.** ``mgll swap`` puts the CLIP or the MGLL tower into a copy of
+   that model (same projector seed); ``mgll align`` stage 1 trains the projector alone (tower and
+   LM frozen) on captions; stage 2 trains LoRA on the LM (+ projector) on captions and the
+   training split's multiple-choice instructions. Same steps, batches and seed for both arms:
+   :func:`mgll.adapters.align.align` is the training loop, with its chat-template prompt layout.
+3. Each run is exported as a stand-alone model folder (``trained-clip``, ``trained-mgll``: projector
+   in, LoRA merged, as ``mgll export-aligned`` writes it; ``mgll demo`` serves these), and both
+   answer the test split's bank in ``loglik`` mode; :func:`mgll.mllm_eval.report.compare`
+   gives the per-disease table and the paired Δ per question.
+
+Only the tower differs between the arms, and the LM did not learn to read images beside one of
+them from scratch, so the Δ row measures the encoders. The numbers are a signal on synthetic
+data, not the paper's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from mgll.data import FUNDUS_DISEASES, load_dataset
-from mgll.data.pixel_budget import load_rgb
+from mgll.data.question_bank import QUESTION, build_bank, format_question, write_bank
 from mgll.io import atomic_path, atomic_write_json
-from mgll.mllm_eval.question_bank import QUESTION, build_bank, write_bank
 from mgll.mllm_eval.report import compare
-from mgll.mllm_eval.scoring import INSTRUCTION, build_prompt, format_question, option_text, run_bank
+from mgll.mllm_eval.scoring import INSTRUCTION, option_text, run_bank
 from mgll.optim import adamw
 
-__all__ = ["run_mcq_demo", "instruction_pairs", "train_pairs"]
+__all__ = ["run_mcq_demo", "text_pairs", "pretrain_text_lm", "CAPTION_INSTRUCTION"]
 
-CAPTION_PROMPT = "describe the fundus image."
+CAPTION_INSTRUCTION = "Describe the findings in this fundus photograph."  # mgll align's default instruction
 
 
 def _vocabulary(ds) -> list[str]:
     from mgll.adapters.align import record_caption
 
-    texts = [QUESTION, INSTRUCTION, CAPTION_PROMPT, " ".join(FUNDUS_DISEASES), "user assistant answer : . a b c d e"]
+    texts = [QUESTION, INSTRUCTION, CAPTION_INSTRUCTION, " ".join(FUNDUS_DISEASES), "user assistant answer : . a b c d e"]
     texts += sorted({record_caption(ds.card, r.labels) for r in ds.records})
     return texts
 
 
-def instruction_pairs(ds, processor, split: str = "train", k: int = 4, seed: int = 0) -> list[tuple[Path, str, str]]:
-    """(image, prompt, target): one caption pair per record and one MCQ pair per question of the split's bank."""
+def text_pairs(ds, split: str = "train", k: int = 4, seed: int = 1) -> list[tuple[str, str]]:
+    """(instruction, target) of the split: one caption per record, one answer per question of its bank.
+
+    The same rows ``mgll align --mcq-k`` trains on in stage 2, without their images.
+    """
     from mgll.adapters.align import record_caption
 
-    recs = ds.split(split)
-    pairs = [(Path(ds.image_path(r)), build_prompt("llava", processor, CAPTION_PROMPT), record_caption(ds.card, r.labels))
-             for r in recs]
-    bank = build_bank(ds, k=k, seed=seed + 1, split=split)  # another seed than the test bank: other distractors
-    for q in bank.questions:
-        prompt = build_prompt("llava", processor, format_question(bank.question, q.options))
-        pairs.append((bank.image_path(q), prompt, option_text(q.answer_index, q.answer)))
+    pairs = [(CAPTION_INSTRUCTION, record_caption(ds.card, r.labels)) for r in ds.split(split)]
+    bank = build_bank(ds, k=k, seed=seed, split=split)
+    pairs += [(format_question(bank.question, q.options), option_text(q.answer_index, q.answer)) for q in bank.questions]
     return pairs
 
 
-def _batch(model, processor, images, prompts, targets) -> dict[str, torch.Tensor]:
-    """Prompt ids exactly as scoring encodes them, then target + eos; loss on the target only."""
+def _text_prompt(processor, instruction: str) -> str:
+    """The inference prompt of :func:`mgll.adapters.prompts.build_prompt` without its image token."""
+    from mgll.adapters.prompts import build_prompt
+
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    return build_prompt("llava", processor, instruction).replace(image_token, "")
+
+
+def _text_batch(processor, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     tok = processor.tokenizer
-    rows, labels, pixels = [], [], []
-    for image, prompt, target in zip(images, prompts, targets):
-        enc = processor(text=[prompt], images=[image], return_tensors="pt")
-        head = enc["input_ids"][0].tolist()
+    rows, labels = [], []
+    for instruction, target in pairs:
+        head = tok(_text_prompt(processor, instruction), add_special_tokens=False)["input_ids"]
         tail = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append(head + tail)
         labels.append([-100] * len(head) + tail)
-        pixels.append(enc["pixel_values"])
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (r, la) in enumerate(zip(rows, labels)):
         ids[i, : len(r)], lab[i, : len(la)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(la), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": lab, "pixel_values": torch.cat(pixels)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
-def train_pairs(model, processor, pairs, steps: int, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
-                progress: bool = True) -> list[float]:
-    """Train everything but the tower on (image, prompt, target) pairs; seeded epoch permutations."""
+def pretrain_text_lm(
+    base: str | os.PathLike, pairs: list[tuple[str, str]], out: str | os.PathLike, steps: int,
+    batch_size: int = 16, lr: float = 2e-3, seed: int = 0, progress: bool = True,
+) -> Path:
+    """Train the LM of the LLaVA folder ``base`` on text pairs (tower and projector untouched); save to ``out``.
+
+    The stand-in for a released LM: it is trained once, before any tower is swapped in.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
     from mgll.adapters.hosts import get_host
 
     host = get_host("llava")
+    model = LlavaForConditionalGeneration.from_pretrained(str(base))
+    processor = AutoProcessor.from_pretrained(str(base))
     model.requires_grad_(True)
     host.tower(model).requires_grad_(False)
+    host.projector(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
-    images: dict[Path, Image.Image] = {}
     order: list[int] = []
     epoch, losses = 0, []
     model.train()
-    host.tower(model).eval()
-    for _ in tqdm(range(steps), disable=not progress, desc="mcq demo training"):
+    for _ in tqdm(range(steps), disable=not progress, desc="text LM"):
         while len(order) < batch_size:
             order += torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
             epoch += 1
         idx, order = order[:batch_size], order[batch_size:]
-        for i in idx:
-            if pairs[i][0] not in images:
-                images[pairs[i][0]] = load_rgb(pairs[i][0])
-        batch = _batch(model, processor, [images[pairs[i][0]] for i in idx], [pairs[i][1] for i in idx],
-                       [pairs[i][2] for i in idx])
-        loss = model(**batch).loss
+        loss = model(**_text_batch(processor, [pairs[i] for i in idx])).loss
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"step {len(losses)}: loss is {loss.item()}")
+            raise FloatingPointError(f"text LM step {len(losses)}: loss is {loss.item()}")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -115,7 +134,38 @@ def train_pairs(model, processor, pairs, steps: int, batch_size: int = 8, lr: fl
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.item()))
     model.eval()
-    return losses
+    n = max(1, min(10, len(losses) // 4))
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        atomic_write_json(tmp / "text_lm.json", {
+            "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pairs": len(pairs),
+            "trained": "LM only, on text (no image)", "loss_first": sum(losses[:n]) / n, "loss_last": sum(losses[-n:]) / n,
+        })
+    return out
+
+
+def _lm_key(pairs, steps, batch_size, lr, seed) -> str:
+    h = hashlib.sha256(json.dumps([pairs, steps, batch_size, lr, seed, "tiny-llava-v1"]).encode())
+    return h.hexdigest()[:16]
+
+
+def shared_text_lm(ds, cache: str | os.PathLike, steps: int, batch_size: int = 16, lr: float = 2e-3, k: int = 4,
+                   seed: int = 0, progress: bool = True) -> tuple[Path, bool]:
+    """The cached text-trained LLaVA for this dataset's training text and settings; (folder, reused)."""
+    from mgll.testing.tiny import make_tiny_llava
+
+    pairs = text_pairs(ds, "train", k=k, seed=seed + 1)
+    key = _lm_key([*pairs, *_vocabulary(ds)], steps, batch_size, lr, seed)
+    folder = Path(cache) / key
+    if (folder / "text_lm.json").is_file():
+        return folder, True
+    base = Path(cache) / f"{key}-random-init"
+    if not (base / "config.json").is_file():
+        make_tiny_llava(base, _vocabulary(ds), seed=seed)
+    pretrain_text_lm(base, pairs, folder, steps, batch_size, lr, seed, progress)
+    return folder, False
 
 
 def run_mcq_demo(
@@ -123,55 +173,66 @@ def run_mcq_demo(
     data: str | os.PathLike,
     clip_encoder: str | os.PathLike,
     mgll_encoder: str | os.PathLike,
-    steps: int = 1500,
+    lm_steps: int = 800,
+    stage1_steps: int = 200,
+    stage2_steps: int = 400,
     batch_size: int = 8,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     k: int = 4,
     split: str = "test",
+    max_per_disease: int | None = 40,
     label: str = "tiny LLaVA",
     seed: int = 0,
+    lm_cache: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write ``out/comparison/{comparison.md,.json,.png}`` (+ bank, swaps, trained models, MCQ runs); return the summary.
+    """Write ``out/comparison/{comparison.md,.json,.png}`` (+ bank, swaps, alignment runs, MCQ runs); return the summary.
 
-    Finished stages are reused, so a rerun after an interruption continues. 1500 steps: about
-    a minute per tower on 2 CPU cores with the quickstart's 600 images; at 300 steps the tiny LM
-    still answers from its priors (the image has not taken hold yet).
+    Finished stages are reused, so a rerun after an interruption continues; the text LM is reused
+    from ``lm_cache`` (default ``out/text-lm``) whenever its texts and settings match.
+
+    Budget (measured on 2 shared CPU cores, 420 training images, 381 test questions): the text LM
+    ~40 s once, each tower ~50 s (align 200 + 400 steps, export, scoring). ``lr`` 3e-3 for both
+    stages: at 1e-3 the tiny LM still answered mostly from its text priors after 600 steps (33 %
+    average accuracy with two CLIP towers, against 44 % at 3e-3).
     """
+    from mgll.adapters.align import AlignConfig, align
+    from mgll.adapters.export_aligned import export_aligned
     from mgll.adapters.swap import SWAP_SPEC, load_swapped, swap
-    from mgll.testing.tiny import make_tiny_llava
 
     out = Path(out)
     ds = load_dataset(data)
-    bank = build_bank(ds, k=k, seed=seed, split=split)
+    bank = build_bank(ds, k=k, seed=seed, split=split, max_per_disease=max_per_disease)
     write_bank(bank, out / "bank.jsonl")
-    base = out / "llava-random-init"
-    if not (base / "config.json").is_file():
-        make_tiny_llava(base, _vocabulary(ds), seed=seed)
-    results = []
+    t0 = time.perf_counter()
+    lm, reused = shared_text_lm(ds, lm_cache or out / "text-lm", lm_steps, seed=seed, k=k, progress=progress)
+    timing = {"text_lm_s": round(time.perf_counter() - t0, 1), "text_lm_reused": reused}
+    results, training = [], {}
     for name, encoder, row in (("clip", clip_encoder, label), ("mgll", mgll_encoder, f"{label} + MGLL")):
+        t0 = time.perf_counter()
         swapped = out / f"swap-{name}"
         if not (swapped / SWAP_SPEC).is_file():
-            swap("llava", base, encoder, swapped, seed=seed)
-        trained = out / f"trained-{name}"
-        if not (trained / "training.json").is_file():
-            model, processor = load_swapped(swapped)
-            torch.manual_seed(seed)
-            pairs = instruction_pairs(ds, processor, "train", k=k, seed=seed)
-            losses = train_pairs(model, processor, pairs, steps, batch_size, lr, seed, progress)
-            with atomic_path(trained) as tmp:
-                model.save_pretrained(tmp)
-                processor.save_pretrained(tmp)
-                shutil.copyfile(swapped / SWAP_SPEC, tmp / SWAP_SPEC)
-                n = max(1, min(10, len(losses) // 4))
-                atomic_write_json(tmp / "training.json", {
-                    "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pairs": len(pairs),
-                    "trainable": "projector + LM (tower frozen)", "encoder": str(encoder),
-                    "loss_first": sum(losses[:n]) / n, "loss_last": sum(losses[-n:]) / n,
-                })
+            swap("llava", lm, encoder, swapped, seed=seed, overwrite=True)
+        common = dict(model=str(swapped), data=str(data), split="train", batch_size=batch_size, lr=lr, seed=seed,
+                      instruction=CAPTION_INSTRUCTION)
+        s1, s2 = out / f"align-{name}-stage1", out / f"align-{name}-stage2"
+        if not (s1 / "summary.json").is_file():
+            align(AlignConfig(out=str(s1), stage=1, steps=stage1_steps, **common), resume=s1.exists(), progress=progress)
+        if not (s2 / "summary.json").is_file():
+            align(AlignConfig(out=str(s2), stage=2, steps=stage2_steps, projector=str(s1 / "projector.safetensors"),
+                              mcq_k=k, mcq_seed=seed + 1, **common), resume=s2.exists(), progress=progress)
+        trained = out / f"trained-{name}"  # the stand-alone folder `mgll export-aligned` writes (LoRA merged)
+        if not (trained / SWAP_SPEC).is_file():
+            export_aligned(swapped, s2, trained, overwrite=True)
         model, processor = load_swapped(trained)
         results.append(run_bank(bank, "llava", model.eval(), processor, out / f"mcq-{name}",
-                                spec={"model": str(trained)}, label=row, progress=progress))
+                                spec={"model": str(trained), "alignment": str(s2)}, label=row, progress=progress))
+        training[name] = {stage: json.loads((d / "summary.json").read_text()) for stage, d in (("stage1", s1), ("stage2", s2))}
+        training[name] = {st: {k2: v[k2] for k2 in ("steps", "pairs", "mcq_pairs", "loss_first", "loss_last") if k2 in v}
+                          for st, v in training[name].items()}
+        timing[f"{name}_s"] = round(time.perf_counter() - t0, 1)
     summary = compare(results, out / "comparison")
-    summary["training"] = {name: json.loads((out / f"trained-{name}" / "training.json").read_text()) for name in ("clip", "mgll")}
+    summary["training"] = {"text_lm": json.loads((lm / "text_lm.json").read_text()), "text_lm_folder": str(lm), **training}
+    summary["bank_counts"] = bank.counts()
+    summary["timing"] = timing
     return summary

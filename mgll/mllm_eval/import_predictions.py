@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mgll.data.question_bank import LETTERS, QuestionBank, Variant, load_bank
 from mgll.io import atomic_path
 from mgll.mllm_eval.export_common import check_out
 from mgll.mllm_eval.extract import extract_answer
-from mgll.mllm_eval.question_bank import LETTERS, QuestionBank, Variant, load_bank
 from mgll.mllm_eval.vlmevalkit_export import CIRCULAR_OFFSET
 
 __all__ = ["FORMATS", "detect_format", "read_lmms_eval", "read_vlmevalkit", "import_predictions"]

@@ -26,10 +26,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mgll.data.question_bank import LETTERS, format_question, load_bank
 from mgll.io import atomic_path
 from mgll.mllm_eval.export_common import check_out, image_payload, metric_key
 from mgll.mllm_eval.extract import option_names
-from mgll.mllm_eval.question_bank import LETTERS, format_question, load_bank
 
 __all__ = ["DEFAULT_TASK", "export_lmms_eval"]
 

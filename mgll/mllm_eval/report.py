@@ -126,8 +126,8 @@ def _questions_from_answers(folder: Path, res: dict) -> list[dict] | None:
     bank_path = (res.get("run") or {}).get("bank")
     if not bank_path or not Path(bank_path).is_file() or not (folder / "answers.jsonl").is_file():
         return None
+    from mgll.data.question_bank import load_bank
     from mgll.mllm_eval.answers import read_answers
-    from mgll.mllm_eval.question_bank import load_bank
 
     return summarise(load_bank(bank_path), read_answers(folder), res["label"])["questions"]
 

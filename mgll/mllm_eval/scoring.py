@@ -38,17 +38,17 @@ from mgll.adapters.prompts import (  # one prompt layout for alignment and infer
     encode_prefixes,
 )
 from mgll.data.pixel_budget import load_rgb
-from mgll.io import atomic_write_json, atomic_write_text
-from mgll.mllm_eval.answers import ANSWERS_FILE, PART_GLOB, read_answers
-from mgll.mllm_eval.extract import extract_answer
-from mgll.mllm_eval.question_bank import (
+from mgll.data.question_bank import (
     INSTRUCTION,
-    LETTERS,
     QuestionBank,
     Variant,
     format_question,
     load_bank,
+    option_text,
 )
+from mgll.io import atomic_write_json, atomic_write_text
+from mgll.mllm_eval.answers import ANSWERS_FILE, PART_GLOB, read_answers
+from mgll.mllm_eval.extract import extract_answer
 
 __all__ = [
     "MODES",
@@ -84,11 +84,6 @@ _TOKEN_ALIGNED = {"attention_mask": 1, "token_type_ids": 0, "mm_token_type_ids":
 
 
 # -- prompts ---------------------------------------------------------------------------------------
-def option_text(index: int, option: str) -> str:
-    """What is scored in ``loglik`` mode: the letter and the disease, as a model would answer."""
-    return f"{LETTERS[index]}. {option}"
-
-
 def _option_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     empty = [t for t, i in zip(texts, ids) if not i]

@@ -25,9 +25,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mgll.data.question_bank import LETTERS, load_bank
 from mgll.io import atomic_write_text
 from mgll.mllm_eval.export_common import check_out, image_payload
-from mgll.mllm_eval.question_bank import LETTERS, load_bank
 
 __all__ = ["CIRCULAR_OFFSET", "DEFAULT_NAME", "export_vlmevalkit", "is_circular_name"]
 

@@ -25,8 +25,8 @@ def build_demo_artifacts(tmp_path_factory) -> dict[str, Path]:
 def _build(root: Path) -> dict[str, Path]:
     from mgll.adapters.swap import swap
     from mgll.data import FUNDUS_DISEASES, make_synthetic
+    from mgll.data.question_bank import QUESTION
     from mgll.encoder.factory import create_encoder, save_encoder
-    from mgll.mllm_eval.question_bank import QUESTION
     from mgll.mllm_eval.scoring import INSTRUCTION
     from mgll.testing.tiny import make_tiny_llava
 
