@@ -47,8 +47,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from mgll.quickstart import run_quickstart
 
+    if args.mcq_steps > 0 and importlib.util.find_spec("peft") is None:  # stage 2 of the MCQ swap trains LoRA
+        raise ValueError("the quickstart's MCQ stage trains LoRA with peft, which is not installed: "
+                         "bash scripts/setup.sh (it installs the mllm extra) or pip install 'mgll[mllm]'; "
+                         "--mcq-steps 0 skips the stage")
     run_quickstart(
         args.out, n_images=args.n, steps=args.steps, seed=args.seed, progress=not args.no_progress,
         probe_bootstrap=args.probe_bootstrap, mcq_steps=args.mcq_steps, lm_steps=args.lm_steps,

@@ -2,7 +2,8 @@
 # Create (or update) the project's virtual environment at .venv and install mgll into it.
 # torch and torchvision are installed together in one pip call so pip picks a matching pair;
 # a lone install of open_clip/timm could otherwise pull a torch that the torchvision build rejects.
-# EXTRAS selects optional dependency groups (default: dev), e.g. EXTRAS=all bash scripts/setup.sh
+# EXTRAS selects optional dependency groups (default: dev,mllm: the tests' tools and peft, which the
+# quickstart's MCQ stage trains LoRA with), e.g. EXTRAS=all bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,7 +14,7 @@ fi
 if ! .venv/bin/python -c "import torch, torchvision; torchvision.ops.nms" >/dev/null 2>&1; then
   .venv/bin/python -m pip install torch torchvision
 fi
-.venv/bin/python -m pip install --quiet -e ".[${EXTRAS:-dev}]"
+.venv/bin/python -m pip install --quiet -e ".[${EXTRAS:-dev,mllm}]"
 if .venv/bin/python -c "import deepspeed, torch, sys; sys.exit(torch.cuda.is_available())" >/dev/null 2>&1; then
   # DeepSpeed on CPU JIT-builds a shared-memory comm op (~50 s) on first use; build it once, into the venv
   # (scripts/test.sh and the tests point TORCH_EXTENSIONS_DIR there), so runs and tests only load it

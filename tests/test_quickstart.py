@@ -55,3 +55,16 @@ def test_quickstart_writes_data_and_both_encoders(tmp_path, capsys):
 def test_synth_cli(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "x"), "--kind", "xray", "--n", "24", "--size", "48"]) == 0
     assert "wrote 24 xray records" in capsys.readouterr().out
+
+
+def test_quickstart_without_peft_is_one_line_naming_the_fix(tmp_path, capsys, monkeypatch):
+    """A fresh `pip install mgll` has no peft: the MCQ stage's LoRA would fail after minutes of training."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "peft" in err[0] and "mgll[mllm]" in err[0] and "--mcq-steps 0" in err[0]
+    assert not out.exists()  # refused before anything was written

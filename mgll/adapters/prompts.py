@@ -41,7 +41,11 @@ def build_prompt(host: str, processor: Any, text: str) -> str:
 
 def encode_prefix(processor: Any, prompt: str, image: Image.Image, device: torch.device | str, dtype: torch.dtype) -> dict:
     """The model inputs for one prompt and image, as inference builds them (floating tensors in ``dtype``)."""
-    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    return _on_device(processor(text=[prompt], images=[image], return_tensors="pt"), device, dtype)
+
+
+def _on_device(inputs: Any, device: torch.device | str, dtype: torch.dtype) -> dict:
+    """The processor output's tensors on ``device``; floating ones (pixels) in ``dtype``, ids and masks as they are."""
     out = {}
     for k, v in inputs.items():
         if not torch.is_tensor(v):
@@ -83,13 +87,7 @@ def encode_prefixes(processor: Any, prompts: list[str], images: list[Image.Image
         qtok = processor.qformer_tokenizer
         ids, qmask = _right_align(enc["qformer_input_ids"], enc["qformer_attention_mask"], qtok.pad_token_id)
         enc["qformer_input_ids"], enc["qformer_attention_mask"] = ids, qmask
-    out = {}
-    for k, v in enc.items():
-        if not torch.is_tensor(v):
-            continue
-        v = v.to(device)
-        out[k] = v.to(dtype) if v.is_floating_point() else v
-    return out
+    return _on_device(enc, device, dtype)
 
 
 def _right_align(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,7 +53,7 @@ from .fundus import (
     fundus_card,
     render_fundus,
 )
-from .severity import SEVERITIES
+from .sampling import SEVERITIES
 from .xray import (
     NO_FINDING,
     XRAY_FINDINGS,

@@ -13,7 +13,7 @@ import numpy as np
 from mgll.data.records import DatasetCard, Level
 
 from .drawing import _blend, _blur, _dots, _grid, _rotate, _segments, _soft
-from .severity import SEVERITIES, SEVERITY_DEFAULT_P, sample_severity
+from .sampling import SEVERITIES, SEVERITY_DEFAULT_P, sample_severity, sample_with_companions
 
 FUNDUS_DISEASES: tuple[str, ...] = (
     "age-related macular degeneration",
@@ -346,15 +346,9 @@ def render_fundus(diseases: dict[str, int], size: int, seed: Sequence[int]) -> n
 
 
 def _sample_fundus_diseases(rng: np.random.Generator) -> dict[str, int]:
-    if rng.random() < _P_NORMAL:
+    chosen = sample_with_companions(rng, _P_NORMAL, _PRIMARY, _COMPANIONS)
+    if not chosen:
         return {}
-    names = list(_PRIMARY)
-    p = np.array([_PRIMARY[k] for k in names])
-    primary = names[rng.choice(len(names), p=p / p.sum())]
-    chosen = [primary]
-    for comp, prob in _COMPANIONS[primary]:
-        if rng.random() < prob and comp not in chosen:
-            chosen.append(comp)
     if len(chosen) < 3 and rng.random() < 0.08:  # an unrelated incidental finding
         other = [d for d in FUNDUS_DISEASES if d not in chosen and d != AMD]
         chosen.append(other[rng.integers(len(other))])

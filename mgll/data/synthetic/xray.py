@@ -13,7 +13,7 @@ import numpy as np
 from mgll.data.records import DatasetCard, Level
 
 from .drawing import _blur, _capsule, _dots, _ellipse, _grid, _rotate, _segments, _soft
-from .severity import SEVERITIES, sample_severity
+from .sampling import SEVERITIES, sample_severity, sample_with_companions
 
 XRAY_MODALITIES: tuple[str, ...] = ("CR (computed radiography)", "DX (digital radiography)")
 XRAY_STUDIES: tuple[str, ...] = ("chest", "abdomen", "knee", "hand")
@@ -389,14 +389,7 @@ def render_xray(
 
 
 def _sample_chest_findings(rng: np.random.Generator) -> dict[str, int]:
-    if rng.random() < _XRAY_P_NORMAL:
-        return {}
-    names = list(_XRAY_PRIMARY)
-    p = np.array([_XRAY_PRIMARY[k] for k in names])
-    chosen = [names[rng.choice(len(names), p=p / p.sum())]]
-    for comp, prob in _XRAY_COMPANIONS[chosen[0]]:
-        if rng.random() < prob and comp not in chosen:
-            chosen.append(comp)
+    chosen = sample_with_companions(rng, _XRAY_P_NORMAL, _XRAY_PRIMARY, _XRAY_COMPANIONS)
     return {f: sample_severity(rng) for f in chosen[:3]}
 
 
