@@ -1,4 +1,4 @@
-"""``mgll quickstart``: the whole encoder pipeline offline on CPU in about five minutes.
+"""``mgll quickstart``: the whole encoder pipeline offline on CPU in a few minutes.
 
 Synthetic fundus data, then a tiny MGLL encoder and a tiny CLIP encoder trained with the same
 budget, seed and data order, so the two checkpoints differ only by the objective; both are
@@ -8,7 +8,7 @@ over the same test images; finally the MCQ stage swaps each tower into one share
 Sized to answer its own question: the training set and budget are small (420 images, 300 steps:
 what a CPU trains in two minutes), but the *test* split is 2,000 images, because generating and
 scoring them costs seconds. At that size the paired Δ of the probe's macro AUC has a 95% CI of
-about ±0.01 (it was ±0.035 at 90 test images, wider than any difference the two objectives make
+±0.005 as measured (it was ±0.035 at 90 test images, wider than any difference the two objectives make
 here), and the MCQ bank holds 30-40 questions of every disease (``MCQ_PER_DISEASE``), so one
 question moves a disease by ~3 points, not 14-50.
 """
@@ -118,11 +118,12 @@ def run_quickstart(
         from mgll.mllm_eval.demo import run_mcq_demo
 
         s1 = max(1, mcq_steps // 3)
+        s2 = max(1, mcq_steps - s1)
         print(f"[5/5] ten-disease MCQ as a swap: one tiny LLaVA LM trained on the training text ({lm_steps} steps, cached), "
-              f"then per tower `mgll align` stage 1 ({s1} steps, projector) and stage 2 ({mcq_steps - s1} steps, LoRA)")
+              f"then per tower `mgll align` stage 1 ({s1} steps, projector) and stage 2 ({s2} steps, LoRA)")
         mcq = run_mcq_demo(
             out / "mcq", data_dir, runs["clip"], runs["mgll"], lm_steps=lm_steps, stage1_steps=s1,
-            stage2_steps=max(1, mcq_steps - s1), seed=seed, max_per_disease=mcq_per_disease,
+            stage2_steps=s2, seed=seed, max_per_disease=mcq_per_disease,
             lm_cache=out / "text-lm-cache", progress=progress,
         )
         for loss in probes:  # the card of the encoder the swapped LLaVA used gets that LLaVA's MCQ figures
@@ -130,7 +131,7 @@ def run_quickstart(
                 add_results(runs[loss] / "encoder", [probes[loss], out / "mcq" / f"mcq-{loss}"])
         print()
         print(mcq["table"])
-        counts = {d: n for d, n in mcq["bank_counts"].items()}
+        counts = mcq["bank_counts"]
         few = [f"{d} ({n})" for d, n in counts.items() if n < MCQ_MIN_PER_DISEASE]
         print(f"      questions per disease: min {min(counts.values())}, max {max(counts.values())}"
               + (f"; below {MCQ_MIN_PER_DISEASE}: {', '.join(few)}" if few else ""))

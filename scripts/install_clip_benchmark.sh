@@ -24,10 +24,7 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import clip_benchmark.cli
   echo "clip-benchmark $CLIP_BENCHMARK_VERSION already installed in $VENV"
   exit 0
 fi
-"$BASE" -m venv "$VENV"
-base_site=$("$BASE" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-own_site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-echo "$base_site" > "$own_site/_mgll_base_venv.pth"
+bash scripts/make_layered_venv.sh "$BASE" "$VENV"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
   "clip-benchmark==$CLIP_BENCHMARK_VERSION" "numpy==$NUMPY_VERSION" "requests>=2.28"
 "$VENV/bin/python" -c "import clip_benchmark.cli, numpy, importlib.metadata as m; print('clip-benchmark', m.version('clip_benchmark'), 'with numpy', numpy.__version__, 'ready in $VENV')"

@@ -21,9 +21,6 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import lmms_eval, decord,
   echo "lmms-eval $LMMS_EVAL_VERSION already installed in $VENV"
   exit 0
 fi
-"$BASE" -m venv "$VENV"
-base_site=$("$BASE" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-own_site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-echo "$base_site" > "$own_site/_mgll_base_venv.pth"
+bash scripts/make_layered_venv.sh "$BASE" "$VENV"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "lmms-eval==$LMMS_EVAL_VERSION" "decord==0.6.0" "filelock<4"
 "$VENV/bin/python" -c "import lmms_eval, decord, filelock._api, importlib.metadata as m; print('lmms-eval', m.version('lmms_eval'), 'ready in $VENV')"

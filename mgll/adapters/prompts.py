@@ -119,23 +119,37 @@ def alignment_batch(host: str, processor: Any, images: list, instructions: list[
         tok.padding_side = side
     ids, mask = enc["input_ids"], enc["attention_mask"]
     per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == ids.shape and k not in ("input_ids", "attention_mask")]
-    rows, labels, extra = [], [], {k: [] for k in per_token}
+    heads, tails, extra = [], [], {k: [] for k in per_token}
     for i, target in enumerate(targets):
         n = int(mask[i].sum())
         if not bool(mask[i, :n].all()):
             raise ValueError(f"{type(processor).__name__} did not right-pad row {i}; cannot find where its prompt ends")
-        tail = tok(target, add_special_tokens=False)["input_ids"] + list(end_ids)
-        rows.append(ids[i, :n].tolist() + tail)
-        labels.append([-100] * n + tail)
+        heads.append(ids[i, :n].tolist())
+        tails.append(tok(target, add_special_tokens=False)["input_ids"] + list(end_ids))
         for k in per_token:
-            extra[k].append(enc[k][i, :n].tolist() + [0] * len(tail))
-    width = max(len(r) for r in rows)
+            extra[k].append(enc[k][i, :n].tolist())
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", *per_token)}
+    out.update(supervised_rows(heads, tails, pad, extra))
+    return out
+
+
+def supervised_rows(heads: list[list[int]], tails: list[list[int]], pad: int,
+                    extra: dict[str, list[list[int]]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded rows ``head + tail`` with the loss on ``tail`` only (labels -100 over heads and pads).
+
+    ``extra`` holds per-token inputs over the heads (e.g. ``mm_token_type_ids``); they take 0 over the
+    tail, as for any text token, and over the pads.
+    """
+    rows = [h + t for h, t in zip(heads, tails)]
+    width = max(len(r) for r in rows)
 
     def padded(seqs: list[list[int]], value: int) -> torch.Tensor:
         return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
-    out = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", *per_token)}
-    out.update(input_ids=padded(rows, pad), attention_mask=padded([[1] * len(r) for r in rows], 0),
-               labels=padded(labels, -100), **{k: padded(v, 0) for k, v in extra.items()})
-    return out
+    return {
+        "input_ids": padded(rows, pad),
+        "attention_mask": padded([[1] * len(r) for r in rows], 0),
+        "labels": padded([[-100] * len(h) + t for h, t in zip(heads, tails)], -100),
+        **{k: padded(v, 0) for k, v in (extra or {}).items()},  # 0 past the head: tail and pads alike
+    }

@@ -43,16 +43,21 @@ class LossConfig:
     soft_clip: float = DEFAULT_WEIGHTS["soft_clip"]  # a1
     pointwise: float = DEFAULT_WEIGHTS["pointwise"]  # a2 (0: the term study chose it; losses.py says why)
     smooth_kl: float = DEFAULT_WEIGHTS["smooth_kl"]  # a3
-    # variants of the terms (equations in losses.py; each measured by benchmarks/ablation.py)
-    pointwise_reduction: str = "sum_texts"  # sum_texts | mean_pairs | mean_positives
-    pointwise_temperature: str = "learnable"  # learnable | fixed
-    pointwise_levels: str = "all"  # all | fine (levels 2..L)
-    smooth_kl_levels: str = "all"  # all | min_texts (levels with >= smooth_kl_min_texts texts in the batch)
-    smooth_kl_min_texts: int = 3
-    smooth_kl_direction: str = "image_to_text"  # image_to_text | text_to_image
-    smooth_kl_schedule: str = "constant"  # constant | warmup | decay
-    smooth_kl_ramp: float = 0.5  # fraction of training the warm-up / decay spans
-    soft_clip_coarse: float = 1.0  # weight of the coarsest level in the soft-CLIP mean (finer levels: 1)
+    # variants of the terms (equations in losses.py; each measured by benchmarks/ablation.py); the defaults
+    # are MGLLOptions' own, so they are stated once
+    pointwise_reduction: str = MGLLOptions.pointwise_reduction  # sum_texts | mean_pairs | mean_positives
+    pointwise_temperature: str = MGLLOptions.pointwise_temperature  # learnable | fixed
+    pointwise_levels: str = MGLLOptions.pointwise_levels  # all | fine (levels 2..L)
+    smooth_kl_levels: str = MGLLOptions.smooth_kl_levels  # all | min_texts (levels with >= smooth_kl_min_texts texts)
+    smooth_kl_min_texts: int = MGLLOptions.smooth_kl_min_texts
+    smooth_kl_direction: str = MGLLOptions.smooth_kl_direction  # image_to_text | text_to_image
+    smooth_kl_schedule: str = MGLLOptions.smooth_kl_schedule  # constant | warmup | decay
+    smooth_kl_ramp: float = MGLLOptions.smooth_kl_ramp  # fraction of training the warm-up / decay spans
+    soft_clip_coarse: float = MGLLOptions.soft_clip_coarse  # weight of the coarsest level in the soft-CLIP mean
+
+    def options(self) -> MGLLOptions:
+        """The variant settings as the loss takes them (validated: a bad value raises ValueError naming the key)."""
+        return MGLLOptions(**{k: getattr(self, k) for k in MGLLOptions.names()})
 
 
 @dataclass
@@ -179,6 +184,6 @@ def _validate(cfg: RunConfig, where: str) -> None:
         if not (0 <= w < float("inf")):
             raise ValueError(f"{where}: loss.{name} must be a finite weight >= 0, got {w!r}")
     try:
-        MGLLOptions(**{k: getattr(cfg.loss, k) for k in MGLLOptions.names()})
+        cfg.loss.options()
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None

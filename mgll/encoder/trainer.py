@@ -44,7 +44,6 @@ from mgll.encoder.config import RunConfig
 from mgll.encoder.contrastive import ContrastiveModel
 from mgll.encoder.factory import create_encoder, save_encoder
 from mgll.encoder.finite import FiniteGuard, all_ranks_agree, finite_or_none
-from mgll.encoder.losses import MGLLOptions
 from mgll.encoder.resume_guard import CHANGES_FILE, check_resume_config, record_changes
 from mgll.encoder.sampler import GlobalBatchSampler, SeededItems
 from mgll.encoder.zero import (
@@ -87,9 +86,8 @@ def build_model(cfg: RunConfig, levels) -> tuple[ContrastiveModel, Any, Any, str
     if cfg.model.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
     weights = {"soft_clip": cfg.loss.soft_clip, "pointwise": cfg.loss.pointwise, "smooth_kl": cfg.loss.smooth_kl}
-    options = MGLLOptions(**{k: getattr(cfg.loss, k) for k in MGLLOptions.names()})
     model = ContrastiveModel(encoder, tokenizer, levels, loss=cfg.loss.name, loss_weights=weights,
-                             trim_text=cfg.model.trim_text, loss_options=options)
+                             trim_text=cfg.model.trim_text, loss_options=cfg.loss.options())
     return model, preprocess_train, preprocess_val, name
 
 

@@ -79,20 +79,12 @@ def _text_prompt(processor, instruction: str) -> str:
 
 
 def _text_batch(processor, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    from mgll.adapters.prompts import supervised_rows
+
     tok = processor.tokenizer
-    rows, labels = [], []
-    for instruction, target in pairs:
-        head = tok(_text_prompt(processor, instruction), add_special_tokens=False)["input_ids"]
-        tail = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append(head + tail)
-        labels.append([-100] * len(head) + tail)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    lab = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, la) in enumerate(zip(rows, labels)):
-        ids[i, : len(r)], lab[i, : len(la)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(la), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+    heads = [tok(_text_prompt(processor, instruction), add_special_tokens=False)["input_ids"] for instruction, _ in pairs]
+    tails = [tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, target in pairs]
+    return supervised_rows(heads, tails, tok.pad_token_id)
 
 
 def pretrain_text_lm(
@@ -156,14 +148,14 @@ def shared_text_lm(ds, cache: str | os.PathLike, steps: int, batch_size: int = 1
     """The cached text-trained LLaVA for this dataset's training text and settings; (folder, reused)."""
     from mgll.testing.tiny import make_tiny_llava
 
-    pairs = text_pairs(ds, "train", k=k, seed=seed + 1)
-    key = _lm_key([*pairs, *_vocabulary(ds)], steps, batch_size, lr, seed)
+    pairs, vocabulary = text_pairs(ds, "train", k=k, seed=seed + 1), _vocabulary(ds)
+    key = _lm_key([*pairs, *vocabulary], steps, batch_size, lr, seed)
     folder = Path(cache) / key
     if (folder / "text_lm.json").is_file():
         return folder, True
     base = Path(cache) / f"{key}-random-init"
     if not (base / "config.json").is_file():
-        make_tiny_llava(base, _vocabulary(ds), seed=seed)
+        make_tiny_llava(base, vocabulary, seed=seed)
     pretrain_text_lm(base, pairs, folder, steps, batch_size, lr, seed, progress)
     return folder, False
 
@@ -227,9 +219,9 @@ def run_mcq_demo(
         model, processor = load_swapped(trained)
         results.append(run_bank(bank, "llava", model.eval(), processor, out / f"mcq-{name}",
                                 spec={"model": str(trained), "alignment": str(s2)}, label=row, progress=progress))
-        training[name] = {stage: json.loads((d / "summary.json").read_text()) for stage, d in (("stage1", s1), ("stage2", s2))}
+        summaries = {stage: json.loads((d / "summary.json").read_text()) for stage, d in (("stage1", s1), ("stage2", s2))}
         training[name] = {st: {k2: v[k2] for k2 in ("steps", "pairs", "mcq_pairs", "loss_first", "loss_last") if k2 in v}
-                          for st, v in training[name].items()}
+                          for st, v in summaries.items()}
         timing[f"{name}_s"] = round(time.perf_counter() - t0, 1)
     summary = compare(results, out / "comparison")
     summary["training"] = {"text_lm": json.loads((lm / "text_lm.json").read_text()), "text_lm_folder": str(lm), **training}
