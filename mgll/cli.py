@@ -171,5 +171,33 @@ def main(argv: list[str] | None = None) -> int:
         set_command(None)
 
 
+def close_process_group() -> None:
+    """Destroy the process group this process joined (``torchrun`` / ``accelerate launch``), before it exits.
+
+    A rank that exits with its gloo group alive can abort at interpreter shutdown (SIGABRT,
+    "terminate called without an active exception": gloo's worker threads still hold work whose
+    tensors are freed while the interpreter is torn down; pytorch/pytorch#179291). Under
+    ``torchrun`` that one abort fails the whole run after its outputs were written; it failed CI once
+    on a resumed ZeRO-2 run. Reads ``sys.modules`` so that commands that never imported torch stay
+    torch-free.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def entry() -> None:
+    """The ``mgll`` program and ``python -m mgll.cli``: :func:`main`, then a clean exit.
+
+    The process group is closed only here, where the process ends (in-process callers of
+    ``main`` keep theirs), and only after success: after an error a collective may still be
+    pending on another rank, and the error's own exit code must stand.
+    """
+    rc = main()
+    if not rc:
+        close_process_group()
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -57,3 +57,26 @@ def test_two_process_training_follows_the_one_process_trajectory(fundus_dataset,
     assert [r["step"] for r in runs[2]] == [1, 2, 3, 4, 5]  # one writer, each step once
     for a, b in zip(runs[1], runs[2]):
         assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
+
+
+_EXIT_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))
+sys.argv = ["mgll", *sys.argv[2:]]
+from mgll.cli import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_the_program_closes_its_process_group_before_exit_only_after_success(tmp_path, ok):
+    """A rank leaving with its gloo group alive can abort at interpreter shutdown (SIGABRT), which failed a
+    resumed ZeRO-2 run under torchrun in CI after its outputs were written; `mgll` closes the group when a
+    command succeeds, and leaves it alone after an error (a peer may still be in a collective)."""
+    args = ["synth", "--n", "4", "--size", "32", str(tmp_path / "data")] if ok else ["check-data", str(tmp_path / "nowhere")]
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path / "store"), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == (0 if ok else 2), proc.stderr[-2000:]
+    assert f"group alive at exit: {not ok}" in proc.stdout
