@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 import mgll.mllm_eval.scoring as scoring
+from mgll.adapters.hosts import get_host
 from mgll.cli import main as mgll_main
 from mgll.data import FUNDUS_DISEASES, make_synthetic
 from mgll.data.question_bank import QUESTION, build_bank, write_bank
@@ -113,6 +114,15 @@ def test_batch_of_8_answers_as_batch_of_1(host, root, bank, monkeypatch):
         return enc
 
     monkeypatch.setattr(scoring, "encode_prefixes", spy)
+    shared_masks = []  # generate inputs whose rotations ran their common prefix once (mgll.mllm_eval.shared_prefix)
+    real_shared = scoring.shared_prefix_inputs
+
+    def shared_spy(*a, **kw):
+        got = real_shared(*a, **kw)
+        shared_masks.append(None if got is None else got["attention_mask"])
+        return got
+
+    monkeypatch.setattr(scoring, "shared_prefix_inputs", shared_spy)
     n_prompts = N_QUESTIONS * 4
     for mode in ("loglik", "generate"):
         runs = {}
@@ -137,6 +147,13 @@ def test_batch_of_8_answers_as_batch_of_1(host, root, bank, monkeypatch):
     batches = [w for w in widths if len(w) > 1]
     assert [len(w) for w in batches] == [8, 8, 8, 4] * 2  # both modes ran in batches across questions
     assert any(len(set(w)) > 1 for w in batches)  # rows of different lengths: left padding exercised
+    assert len(shared_masks) == 4  # the generate batches
+    if get_host(host).shares_prompt_prefix:
+        assert all(m is not None for m in shared_masks)
+        # a masked gap between a group's prefix and a row's own tokens (rows of another length in the batch)
+        assert any(bool(((m[:, 1:] - m[:, :-1]) < 0).any()) for m in shared_masks)
+    else:
+        assert shared_masks == [None] * 4
 
 
 def test_interrupted_batched_run_resumes(root, bank, monkeypatch):

@@ -13,7 +13,9 @@ At Table-2 scale (~845 questions x 16 models) one prompt at a time leaves the ha
 ``batch_size`` > 1 scores several prompts (one image each) per forward: the processor left-pads
 them, every row gets the position ids it would have alone (from its attention mask; Qwen2-VL's
 M-RoPE from its own ``get_rope_index`` over the unpadded tokens), and in ``loglik`` mode each
-row's prefix KV cache is kept and repeated for that row's options only. Under a launcher
+row's prefix KV cache is kept and repeated for that row's options only; in ``generate`` mode the
+rotations of one circular question in a batch run their common prefix once (:mod:`mgll.mllm_eval.shared_prefix`).
+Under a launcher
 (``accelerate launch`` / ``torchrun``: ``WORLD_SIZE`` > 1) each process takes every K-th question
 (rotations together), appends to its own ``answers.part-R-of-K.jsonl``, and rank 0 merges the parts
 into ``answers.jsonl`` in bank order (:func:`merge_answers`), as a single process would write it.
@@ -21,7 +23,6 @@ into ``answers.jsonl`` in bank order (:func:`merge_answers`), as a single proces
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -49,6 +50,15 @@ from mgll.data.question_bank import (
 from mgll.io import atomic_write_json, atomic_write_text
 from mgll.mllm_eval.answers import ANSWERS_FILE, PART_GLOB, read_answers
 from mgll.mllm_eval.extract import extract_answer
+from mgll.mllm_eval.kv_cache import (
+    TOKEN_ALIGNED,
+    base_model,
+    cache_kwarg,
+    cache_of,
+    keep_last_logit_kw,
+    prefix_positions,
+)
+from mgll.mllm_eval.shared_prefix import shared_prefix_inputs
 
 __all__ = [
     "MODES",
@@ -79,8 +89,6 @@ MODES = ("loglik", "generate")
 RUN_FILE = "run.json"
 # hosts whose top-level forward always re-encodes the image: continue through their LM instead
 _CONTINUE_VIA_LM = {"instructblip"}
-# per-token inputs beyond input_ids, and the value an appended text token takes in each
-_TOKEN_ALIGNED = {"attention_mask": 1, "token_type_ids": 0, "mm_token_type_ids": 0}
 
 
 # -- prompts ---------------------------------------------------------------------------------------
@@ -92,32 +100,6 @@ def _option_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return ids
 
 
-def _base(model):
-    """The transformers model under a peft wrapper (LoRA layers sit inside it, so it scores the same)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _cache_name(model) -> str:
-    """transformers 5.2x calls the KV cache argument ``cache``; earlier releases ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(_base(model).forward).parameters else "past_key_values"
-
-
-def _cache_of(out):
-    """The KV cache in a forward's output (InstructBLIP nests its LM's output)."""
-    for o in (out, out.get("language_model_outputs")):
-        if o is None:
-            continue
-        for key in ("cache", "past_key_values"):
-            if o.get(key) is not None:
-                return o.get(key)
-    raise ValueError(f"{type(out).__name__} holds no KV cache; the model was not run with use_cache=True")
-
-
-def _keep_last_logit_kw(model) -> dict:
-    """Only the last prefix position's logits are needed; skip a (tokens x vocab) tensor where allowed."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(_base(model).forward).parameters else {}
-
-
 # -- log-likelihood ----------------------------------------------------------------------------------
 @torch.inference_mode()
 def option_logliks(host: str, model, prefix: dict, option_ids: list[list[int]], pad_id: int = 0) -> torch.Tensor:
@@ -127,12 +109,12 @@ def option_logliks(host: str, model, prefix: dict, option_ids: list[list[int]], 
     padded positions are simply not summed.
     """
     k = len(option_ids)
-    model = _base(model)
+    model = base_model(model)
     if hasattr(model, "option_logliks"):  # models whose image conditioning lives outside the KV cache (Flamingo)
         return model.option_logliks(prefix, option_ids, pad_id=pad_id)
-    out = model(**prefix, use_cache=True, **_keep_last_logit_kw(model))
+    out = model(**prefix, use_cache=True, **keep_last_logit_kw(model))
     first = out.logits[:, -1:].float()  # predicts each option's first token
-    cache = _cache_of(out)
+    cache = cache_of(out)
     cache.batch_repeat_interleave(k)  # in place: the prefix cache is not used again
     width = max(len(o) for o in option_ids)
     device = prefix["input_ids"].device
@@ -144,7 +126,7 @@ def option_logliks(host: str, model, prefix: dict, option_ids: list[list[int]], 
     lm = get_host(host).language_model(model) if host in _CONTINUE_VIA_LM else model
     logits = first.expand(k, 1, -1)
     if width > 1:
-        kw = {_cache_name(lm): cache}
+        kw = {cache_kwarg(lm): cache}
         # no attention mask: the pads sit after every real token, and Qwen2-VL derives its M-RoPE
         # positions from a mask's length rather than the cache offset
         rest = lm(input_ids=ids[:, :-1], use_cache=True, **kw).logits.float()
@@ -162,7 +144,7 @@ def naive_option_logliks(model, prefix: dict, option_ids: list[list[int]]) -> to
         inputs = dict(prefix)
         cont = torch.tensor([o], dtype=torch.long, device=prefix["input_ids"].device)
         inputs["input_ids"] = torch.cat([prefix["input_ids"], cont], dim=1)
-        for key, fill in _TOKEN_ALIGNED.items():
+        for key, fill in TOKEN_ALIGNED.items():
             if key in inputs and inputs[key].shape[-1] == n:
                 inputs[key] = torch.cat([inputs[key], torch.full_like(cont, fill)], dim=1)
         logits = model(**inputs, use_cache=False).logits[0, n - 1 : n - 1 + len(o)].float()
@@ -210,32 +192,6 @@ def score_variant(
 
 
 # -- batches of prompts ----------------------------------------------------------------------------------
-def _rope_index_fn(model):
-    """Qwen2-VL's ``get_rope_index`` (on the model or its inner ``model``), if the host has M-RoPE."""
-    for m in (model, getattr(model, "model", None)):
-        if m is not None and hasattr(m, "get_rope_index"):
-            return m.get_rope_index
-    return None
-
-
-def prefix_positions(host: str, model, prefix: dict) -> torch.Tensor:
-    """Position ids a padded prefix batch needs so that every row is positioned as it is alone.
-
-    A plain forward numbers tokens by column, which shifts a left-padded row by its pad count
-    (RoPE is shift-invariant only up to rounding; absolute embeddings are not at all): here the
-    real tokens count from 0 along the attention mask, pads anywhere in the row (InstructBLIP puts
-    its query tokens before the pads) included. Qwen2-VL's M-RoPE gives image patches 3-D
-    positions; its own ``get_rope_index`` computes them over each row's unmasked tokens, as
-    ``generate`` does. Returns ``(B, n)``, or ``(3, B, n)`` for M-RoPE.
-    """
-    mask = prefix["attention_mask"]
-    rope = _rope_index_fn(_base(model))
-    if rope is not None and "image_grid_thw" in prefix:
-        kw = {k: prefix[k] for k in ("mm_token_type_ids", "image_grid_thw") if k in prefix}
-        return rope(prefix["input_ids"], attention_mask=mask, **kw)[0]
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def _right_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
@@ -255,7 +211,7 @@ def batch_option_logliks(host: str, model, prefix: dict, option_ids: list[list[l
     row; the options (right-padded) continue in one forward with the prefix mask (so the left pads
     stay hidden) and positions counting on from each prompt's last real token.
     """
-    model = _base(model)
+    model = base_model(model)
     if hasattr(model, "batch_option_logliks"):  # Flamingo: image conditioning outside the KV cache
         return model.batch_option_logliks(prefix, option_ids, pad_id=pad_id)
     b = prefix["input_ids"].shape[0]
@@ -264,11 +220,11 @@ def batch_option_logliks(host: str, model, prefix: dict, option_ids: list[list[l
     device = prefix["input_ids"].device
     mask = prefix["attention_mask"]
     pos = prefix_positions(host, model, prefix)
-    out = model(**prefix, position_ids=pos, use_cache=True, **_keep_last_logit_kw(model))
+    out = model(**prefix, position_ids=pos, use_cache=True, **keep_last_logit_kw(model))
     first = out.logits[:, -1:].float()  # left padding: the last column is every row's last real token
     counts = [len(o) for o in option_ids]
     rows = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(counts, device=device))
-    cache = _cache_of(out)
+    cache = cache_of(out)
     cache.batch_select_indices(rows)  # in place: the prefix cache is not used again
     ids, keep = _right_padded([o for opts in option_ids for o in opts], pad_id, device)
     logits = first[rows]
@@ -279,7 +235,7 @@ def batch_option_logliks(host: str, model, prefix: dict, option_ids: list[list[l
         attn = torch.cat([mask[rows], torch.ones((len(rows), width - 1), dtype=mask.dtype, device=device)], dim=1)
         lm = get_host(host).language_model(model) if host in _CONTINUE_VIA_LM else model
         rest = lm(input_ids=ids[:, :-1], attention_mask=attn, position_ids=cont_pos, use_cache=True,
-                  **{_cache_name(lm): cache}).logits.float()
+                  **{cache_kwarg(lm): cache}).logits.float()
         logits = torch.cat([logits, rest], dim=1)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return list((logp * keep).sum(dim=1).cpu().split(counts))
@@ -287,7 +243,7 @@ def batch_option_logliks(host: str, model, prefix: dict, option_ids: list[list[l
 
 def _stop_ids(host: str, model) -> set[int]:
     """The token ids ``generate`` stops a row at (the generation config it actually uses)."""
-    m = _base(model)
+    m = base_model(model)
     if hasattr(m, "eoc_token_id"):  # Flamingo's own greedy loop stops at <|endofchunk|>
         return {int(m.eoc_token_id)}
     gen = get_host(host).language_model(m) if host in _CONTINUE_VIA_LM else m  # InstructBLIP: its LM generates
@@ -335,8 +291,10 @@ def score_variants(
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         for row, scores in zip(rows, batch_option_logliks(host, model, prefix, ids, pad_id=pad)):
             row.update(pred_index=int(torch.argmax(scores)), scores=[round(float(s), 6) for s in scores], method="loglik")
-    else:
-        for row, v, text in zip(rows, variants, generate_answers(host, model, processor, prefix, max_new_tokens)):
+    else:  # a circular question's rotations in the batch run their common prefix once (None: not this host/batch)
+        shared = shared_prefix_inputs(host, model, processor, prompts, images, [v.qid for v in variants], prefix, device, dtype,
+                                      max_new_tokens)
+        for row, v, text in zip(rows, variants, generate_answers(host, model, processor, shared or prefix, max_new_tokens)):
             ext = extract_answer(text, v.options)
             row.update(pred_index=ext.index, text=text, method=ext.method)
     for row in rows:

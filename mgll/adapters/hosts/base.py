@@ -143,6 +143,10 @@ class Host:
     language_model_path: str = ""
     lm_head_path: str = "lm_head"
     lora_leaf_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # prompts that share their first tokens (a circular question's rotations) may share those tokens' KV cache
+    # (mgll.mllm_eval.shared_prefix): true where the image features and positions of a prefix do not depend on
+    # what follows it and ``generate`` continues a given cache
+    shares_prompt_prefix: bool = True
 
     # -- where things are ----------------------------------------------------------------------
     def remote(self):

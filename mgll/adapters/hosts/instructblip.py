@@ -55,6 +55,7 @@ def __getattr__(name: str):
 
 @register_host("instructblip")
 class InstructBlipHost(Host):
+    shares_prompt_prefix = False  # the Q-Former reads the whole instruction, options included
     model_class_name = "MgllInstructBlipForConditionalGeneration"
     source_class_name = "InstructBlipForConditionalGeneration"
     remote_name = "mgll_instructblip"

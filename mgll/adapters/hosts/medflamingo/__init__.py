@@ -47,6 +47,7 @@ def require_open_flamingo() -> None:
 
 @register_host("medflamingo")
 class MedFlamingoHost(Host):
+    shares_prompt_prefix = False  # its own greedy loop takes no cache
     model_class_name = "MgllFlamingo"
     tower_path = "vision_encoder"
     projector_path = "bridge"
