@@ -1,8 +1,8 @@
 """What the scorers need to run a prefix once and continue it: the model under peft, the KV cache's
 argument name and place in an output, the one-logit flag, and the positions a padded row needs.
 
-Kept apart from ``scoring`` so that the shared-prefix generator (``shared_prefix``) and the scorers
-use one copy of each, and neither imports the other's module.
+Kept apart from ``scoring`` so that the shared-prefix generator (``shared_prefix``, which ``scoring``
+imports) and the scorers use one copy of each without an import circle.
 """
 
 from __future__ import annotations

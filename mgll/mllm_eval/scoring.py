@@ -14,11 +14,11 @@ At Table-2 scale (~845 questions x 16 models) one prompt at a time leaves the ha
 them, every row gets the position ids it would have alone (from its attention mask; Qwen2-VL's
 M-RoPE from its own ``get_rope_index`` over the unpadded tokens), and in ``loglik`` mode each
 row's prefix KV cache is kept and repeated for that row's options only; in ``generate`` mode the
-rotations of one circular question in a batch run their common prefix once (:mod:`mgll.mllm_eval.shared_prefix`).
-Under a launcher
-(``accelerate launch`` / ``torchrun``: ``WORLD_SIZE`` > 1) each process takes every K-th question
-(rotations together), appends to its own ``answers.part-R-of-K.jsonl``, and rank 0 merges the parts
-into ``answers.jsonl`` in bank order (:func:`merge_answers`), as a single process would write it.
+rotations of one circular question in a batch run their common prefix once
+(:mod:`mgll.mllm_eval.shared_prefix`). Under a launcher (``accelerate launch`` / ``torchrun``:
+``WORLD_SIZE`` > 1) each process takes every K-th question (rotations together), appends to its own
+``answers.part-R-of-K.jsonl``, and rank 0 merges the parts into ``answers.jsonl`` in bank order
+(:func:`merge_answers`), as a single process would write it.
 """
 
 from __future__ import annotations
@@ -292,8 +292,8 @@ def score_variants(
         for row, scores in zip(rows, batch_option_logliks(host, model, prefix, ids, pad_id=pad)):
             row.update(pred_index=int(torch.argmax(scores)), scores=[round(float(s), 6) for s in scores], method="loglik")
     else:  # a circular question's rotations in the batch run their common prefix once (None: not this host/batch)
-        shared = shared_prefix_inputs(host, model, processor, prompts, images, [v.qid for v in variants], prefix, device, dtype,
-                                      max_new_tokens)
+        shared = shared_prefix_inputs(host, model, processor, prompts, images, [(v.qid, id(im)) for v, im in zip(variants, images)],
+                                      prefix, device, dtype, max_new_tokens)
         for row, v, text in zip(rows, variants, generate_answers(host, model, processor, shared or prefix, max_new_tokens)):
             ext = extract_answer(text, v.options)
             row.update(pred_index=ext.index, text=text, method=ext.method)

@@ -87,19 +87,20 @@ def _left_packed(rows: list[torch.Tensor], width: int, fill: int) -> torch.Tenso
     return out
 
 
-def _static_rows(model, cache, index: torch.Tensor, max_len: int):
-    """The prefix cache's rows ``index`` in a preallocated (static) cache of ``max_len`` positions.
+def _static_cache(model, max_len: int):
+    """A preallocated (static) cache of ``max_len`` positions for the LM, or None where one would not hold the prefix.
 
-    A dynamic cache grows by concatenation: every decode step copies every row's whole cache
-    (on a CPU that was 46 % of a batch of 8 continuing a 592-token prefix); a static cache is
-    written in place.
+    A dynamic cache grows by concatenation: every decode step copies every row's whole cache (on a
+    CPU that was 46 % of a batch of 8 continuing a 592-token prefix); a static one is written in
+    place. None for a sliding-window layer (it keeps only its window of the prefix) and when the
+    model's generation config names its own cache (``generate`` refuses a second one).
     """
     from transformers import StaticCache
 
+    if getattr(getattr(base_model(model), "generation_config", None), "cache_implementation", None) is not None:
+        return None
     static = StaticCache(config=base_model(model).config, max_cache_len=max_len)
-    for i, layer in enumerate(cache.layers):
-        static.update(layer.keys[index], layer.values[index], i)
-    return static
+    return None if any(getattr(layer, "is_sliding", False) for layer in static.layers) else static
 
 
 @torch.inference_mode()
@@ -107,11 +108,13 @@ def shared_prefix_inputs(host: str, model, processor: Any, prompts: list[str], i
                          keys: list[Hashable], prefix: dict, device, dtype, max_new_tokens: int) -> dict | None:
     """``generate`` inputs for ``prompts`` whose groups (equal ``keys``) run their common prefix once, or None.
 
-    ``prefix`` is the left-padded encoding of all prompts (``encode_prefixes``); the result holds
-    ``input_ids`` and ``attention_mask`` of the whole sequences (cached prefix columns, then each
-    row's own tokens) and the KV cache of the prefix columns under the model's cache argument.
-    None when the host opts out, no group has two rows, the model names no image token, an image
-    token falls outside its group's prefix, or the LM has sliding-window layers.
+    ``keys`` must tell apart rows that do not share an image (the scorer uses the question id and
+    the image object). ``prefix`` is the left-padded encoding of all prompts (``encode_prefixes``);
+    the result holds ``input_ids`` and ``attention_mask`` of the whole sequences (cached prefix
+    columns, then each row's own tokens) and the KV cache of the prefix columns under the model's
+    cache argument. None, before any forward, when the host opts out, no group has two rows, the
+    model names no image token, a group's prefix does not hold every image token of its rows (or
+    holds none), or no static cache fits the LM (:func:`_static_cache`).
     """
     groups = group_rows(keys)
     if not get_host(host).shares_prompt_prefix or all(len(g) == 1 for g in groups):
@@ -123,11 +126,19 @@ def shared_prefix_inputs(host: str, model, processor: Any, prompts: list[str], i
     real = [ids[r][mask[r].bool()] for r in range(ids.shape[0])]
     lengths = [common_prefix_length([real[r] for r in g]) for g in groups]
     for g, n in zip(groups, lengths):
-        if any(bool((real[r][n:] == image_id).any()) for r in g):
+        if any(bool((real[r][n:] == image_id).any()) or not bool((real[r][:n] == image_id).any()) for r in g):
             return None
+    row_group = [0] * len(prompts)
+    for gi, g in enumerate(groups):
+        for r in g:
+            row_group[r] = gi
+    tails = [real[r][lengths[row_group[r]]:] for r in range(len(prompts))]
+    width, tail_width = max(lengths), max(len(t) for t in tails)
+    static = _static_cache(model, width + tail_width + max_new_tokens)
+    if static is None:
+        return None
     heads = [g[0] for g in groups]
     rep = encode_prefixes(processor, [prompts[r] for r in heads], [images[r] for r in heads], device, dtype)
-    width = max(lengths)
     pre = {k: v for k, v in rep.items() if k != "input_ids" and k not in TOKEN_ALIGNED}  # the vision inputs
     rep_mask = rep["attention_mask"].bool()
     for key in ("input_ids", *[k for k in TOKEN_ALIGNED if k in rep]):
@@ -137,17 +148,9 @@ def shared_prefix_inputs(host: str, model, processor: Any, prompts: list[str], i
         if not torch.equal(pre["input_ids"][i, width - n:], real[heads[i]][:n]):
             return None
     out = model(**pre, position_ids=prefix_positions(host, model, pre), use_cache=True, **keep_last_logit_kw(model))
-    cache = cache_of(out)
-    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-        return None  # a sliding-window layer keeps only its window: not a prefix to copy
-    row_group = [0] * len(prompts)
-    for gi, g in enumerate(groups):
-        for r in g:
-            row_group[r] = gi
     index = torch.tensor(row_group, device=ids.device)
-    tails = [real[r][lengths[row_group[r]]:] for r in range(len(prompts))]
-    tail_width = max(len(t) for t in tails)
-    cache = _static_rows(model, cache, index, width + tail_width + max_new_tokens)
+    for i, layer in enumerate(cache_of(out).layers):  # every row gets its group's prefix
+        static.update(layer.keys[index], layer.values[index], i)
     keep_rope_offsets(model, pre, index)
     pad = getattr(getattr(processor, "tokenizer", processor), "pad_token_id", None)
     tail_ids = _left_packed(tails, tail_width, 0 if pad is None else pad)
@@ -155,7 +158,9 @@ def shared_prefix_inputs(host: str, model, processor: Any, prompts: list[str], i
     inputs = {
         "input_ids": torch.cat([pre["input_ids"][index], tail_ids], dim=1),
         "attention_mask": torch.cat([pre["attention_mask"][index], tail_mask], dim=1),
-        cache_kwarg(model): cache,
+        cache_kwarg(model): static,
+        # a static cache would switch on torch.compile on CUDA, recompiling for every batch's cache length
+        "disable_compile": True,
     }
     for key in TOKEN_ALIGNED:  # token types of the own tokens: text (the images are all in the prefix)
         if key != "attention_mask" and key in pre:
