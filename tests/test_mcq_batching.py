@@ -147,13 +147,14 @@ def test_batch_of_8_answers_as_batch_of_1(host, root, bank, monkeypatch):
     batches = [w for w in widths if len(w) > 1]
     assert [len(w) for w in batches] == [8, 8, 8, 4] * 2  # both modes ran in batches across questions
     assert any(len(set(w)) > 1 for w in batches)  # rows of different lengths: left padding exercised
-    assert len(shared_masks) == 4  # the generate batches
+    assert len(shared_masks) == 8  # the batches of both modes
     if get_host(host).shares_prompt_prefix:
         assert all(m is not None for m in shared_masks)
         # a masked gap between a group's prefix and a row's own tokens (rows of another length in the batch)
-        assert any(bool(((m[:, 1:] - m[:, :-1]) < 0).any()) for m in shared_masks)
+        assert any(bool(((m[:, 1:] - m[:, :-1]) < 0).any()) for m in shared_masks[:4])
+        assert any(bool(((m[:, 1:] - m[:, :-1]) < 0).any()) for m in shared_masks[4:])
     else:
-        assert shared_masks == [None] * 4
+        assert shared_masks == [None] * 8
 
 
 def test_interrupted_batched_run_resumes(root, bank, monkeypatch):

@@ -69,17 +69,18 @@ def prefix_positions(host: str, model, prefix: dict) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def keep_rope_offsets(model, prefix: dict, rows: torch.Tensor) -> None:
+def keep_rope_offsets(model, prefix: dict, rows: torch.Tensor) -> torch.Tensor | None:
     """Leave on an M-RoPE model the offsets of ``prefix``'s rows ``rows``, for a ``generate`` that continues its cache.
 
     Qwen2-VL numbers the text after an image from the image grid's extent, not from the token
     count; ``generate`` continuing a given cache adds the offset the model kept from its last
     prompt (``rope_deltas``) to positions counted along the attention mask. A prefix run with
     explicit positions keeps none, so it is set here, one row per continued row. No-op for
-    other models.
+    other models. Returns the offsets set, ``(len(rows), 1)``, or None.
     """
     owner = _rope_owner(base_model(model))
     if owner is None or "image_grid_thw" not in prefix:
-        return
+        return None
     kw = {k: prefix[k] for k in ("mm_token_type_ids", "image_grid_thw") if k in prefix}
     owner.rope_deltas = owner.get_rope_index(prefix["input_ids"], attention_mask=prefix["attention_mask"], **kw)[1][rows]
+    return owner.rope_deltas

@@ -13,7 +13,7 @@ At Table-2 scale (~845 questions x 16 models) one prompt at a time leaves the ha
 ``batch_size`` > 1 scores several prompts (one image each) per forward: the processor left-pads
 them, every row gets the position ids it would have alone (from its attention mask; Qwen2-VL's
 M-RoPE from its own ``get_rope_index`` over the unpadded tokens), and in ``loglik`` mode each
-row's prefix KV cache is kept and repeated for that row's options only; in ``generate`` mode the
+row's prefix KV cache is kept and repeated for that row's options only; in both modes the
 rotations of one circular question in a batch run their common prefix once
 (:mod:`mgll.mllm_eval.shared_prefix`). Under a launcher (``accelerate launch`` / ``torchrun``:
 ``WORLD_SIZE`` > 1) each process takes every K-th question (rotations together), appends to its own
@@ -217,21 +217,52 @@ def batch_option_logliks(host: str, model, prefix: dict, option_ids: list[list[l
     b = prefix["input_ids"].shape[0]
     if len(option_ids) != b:
         raise ValueError(f"{b} prompts but option lists for {len(option_ids)}")
-    device = prefix["input_ids"].device
-    mask = prefix["attention_mask"]
     pos = prefix_positions(host, model, prefix)
     out = model(**prefix, position_ids=pos, use_cache=True, **keep_last_logit_kw(model))
-    first = out.logits[:, -1:].float()  # left padding: the last column is every row's last real token
+    # left padding: the last column is every row's last real token
+    return _option_logliks_after(host, model, out, prefix["attention_mask"], pos.amax(dim=-1), option_ids, pad_id)
+
+
+@torch.inference_mode()
+def shared_option_logliks(host: str, model, shared: dict, option_ids: list[list[list[int]]], pad_id: int = 0) -> list[torch.Tensor]:
+    """:func:`batch_option_logliks` for prompts whose common prefix already ran (``shared_prefix_inputs(..., None)``).
+
+    Each row's own tokens continue its copy of the prefix cache (positions counted along the
+    attention mask, so the masked gap is skipped; plus the M-RoPE offset on Qwen2-VL), then the
+    options continue each row as in :func:`batch_option_logliks`.
+    """
+    model = base_model(model)
+    cache = shared[cache_kwarg(model)]
+    width = int(cache.get_seq_length())
+    mask = shared["attention_mask"]
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, width:]
+    if shared.get("rope_deltas") is not None:  # text after the image: the same position on all three M-RoPE axes
+        pos = (pos + shared["rope_deltas"]).unsqueeze(0).expand(3, -1, -1)
+    out = model(input_ids=shared["input_ids"][:, width:], attention_mask=mask, position_ids=pos, use_cache=True,
+                **{cache_kwarg(model): cache}, **keep_last_logit_kw(model))
+    return _option_logliks_after(host, model, out, mask, pos[..., -1], option_ids, pad_id)
+
+
+def _option_logliks_after(host: str, model, out, mask: torch.Tensor, last_pos: torch.Tensor,
+                          option_ids: list[list[list[int]]], pad_id: int) -> list[torch.Tensor]:
+    """Options' log-likelihoods after a forward ``out`` of B prompts (one cache row each, last logit = last token).
+
+    The cache is indexed so that each option sits on a copy of its own prompt's row; the options
+    (right-padded) continue in one forward with the prompts' mask (so their pads stay hidden) and
+    positions counting on from each prompt's last position ``last_pos`` (``(B,)``, or ``(3, B)``).
+    """
+    device = mask.device
+    first = out.logits[:, -1:].float()
     counts = [len(o) for o in option_ids]
-    rows = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(counts, device=device))
+    rows = torch.repeat_interleave(torch.arange(len(option_ids), device=device), torch.tensor(counts, device=device))
     cache = cache_of(out)
-    cache.batch_select_indices(rows)  # in place: the prefix cache is not used again
+    cache.batch_select_indices(rows)  # in place: the prompts' cache is not used again
     ids, keep = _right_padded([o for opts in option_ids for o in opts], pad_id, device)
     logits = first[rows]
     width = ids.shape[1]
     if width > 1:
         steps = torch.arange(width - 1, device=device)
-        cont_pos = (pos.amax(dim=-1) + 1)[..., rows, None] + steps  # (R, w-1), or (3, R, w-1) for M-RoPE
+        cont_pos = (last_pos + 1)[..., rows, None] + steps  # (R, w-1), or (3, R, w-1) for M-RoPE
         attn = torch.cat([mask[rows], torch.ones((len(rows), width - 1), dtype=mask.dtype, device=device)], dim=1)
         lm = get_host(host).language_model(model) if host in _CONTINUE_VIA_LM else model
         rest = lm(input_ids=ids[:, :-1], attention_mask=attn, position_ids=cont_pos, use_cache=True,
@@ -286,14 +317,17 @@ def score_variants(
     prefix = encode_prefixes(processor, prompts, images, device, dtype)
     tok = getattr(processor, "tokenizer", processor)
     rows: list[dict[str, Any]] = [{"qid": v.qid, "rotation": v.rotation, "answer_index": v.answer_index} for v in variants]
+    keys = [(v.qid, id(im)) for v, im in zip(variants, images)]  # a circular question's rotations share a prefix
     if mode == "loglik":
         ids = [_option_ids(tok, [option_text(i, o) for i, o in enumerate(v.options)]) for v in variants]
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        for row, scores in zip(rows, batch_option_logliks(host, model, prefix, ids, pad_id=pad)):
+        shared = shared_prefix_inputs(host, model, processor, prompts, images, keys, prefix, device, dtype, None)
+        scores_per_row = (shared_option_logliks(host, model, shared, ids, pad_id=pad) if shared is not None
+                          else batch_option_logliks(host, model, prefix, ids, pad_id=pad))
+        for row, scores in zip(rows, scores_per_row):
             row.update(pred_index=int(torch.argmax(scores)), scores=[round(float(s), 6) for s in scores], method="loglik")
     else:  # a circular question's rotations in the batch run their common prefix once (None: not this host/batch)
-        shared = shared_prefix_inputs(host, model, processor, prompts, images, [(v.qid, id(im)) for v, im in zip(variants, images)],
-                                      prefix, device, dtype, max_new_tokens)
+        shared = shared_prefix_inputs(host, model, processor, prompts, images, keys, prefix, device, dtype, max_new_tokens)
         for row, v, text in zip(rows, variants, generate_answers(host, model, processor, shared or prefix, max_new_tokens)):
             ext = extract_answer(text, v.options)
             row.update(pred_index=ext.index, text=text, method=ext.method)

@@ -1,4 +1,4 @@
-"""``generate`` for a circular question's rotations with their common prompt prefix run once.
+"""A circular question's rotations with their common prompt prefix run once (``generate`` and ``loglik``).
 
 Why: under circular evaluation every question is asked K times, its options rotated, so the K
 prompts share the image and the question text: 592 of 620 tokens on a LLaVA-1.5 prompt. Where the
@@ -15,10 +15,11 @@ How, for one batch of prompts (``keys`` says which rows belong to one question):
    so each prefix sits where it sits alone;
 3. the cache rows are gathered so that every prompt gets its group's, and each prompt's own
    tokens follow in a left-padded block: a gap of masked pads between prefix and own tokens,
-   which ``generate`` does not see (it numbers positions along the attention mask).
+   which the model does not see (``generate`` numbers positions along the attention mask;
+   ``scoring.shared_option_logliks`` does the same before it scores the options).
 
-The continued cache is a static (preallocated) one: a dynamic cache grows by concatenation, which
-copies every row's whole cache at every decode step. Qwen2-VL's M-RoPE offsets, which the model
+For ``generate`` the continued cache is a static (preallocated) one: a dynamic cache grows by
+concatenation, which copies every row's whole cache at every decode step. Qwen2-VL's M-RoPE offsets, which the model
 keeps between calls for a continued cache, are set for the continued rows
 (:func:`~mgll.mllm_eval.kv_cache.keep_rope_offsets`).
 
@@ -105,8 +106,12 @@ def _static_cache(model, max_len: int):
 
 @torch.inference_mode()
 def shared_prefix_inputs(host: str, model, processor: Any, prompts: list[str], images: list[Image.Image],
-                         keys: list[Hashable], prefix: dict, device, dtype, max_new_tokens: int) -> dict | None:
+                         keys: list[Hashable], prefix: dict, device, dtype, max_new_tokens: int | None) -> dict | None:
     """``generate`` inputs for ``prompts`` whose groups (equal ``keys``) run their common prefix once, or None.
+
+    ``max_new_tokens`` sizes the static cache ``generate`` continues; None gives instead a dynamic
+    cache (one row per prompt, regathered by ``scoring.shared_option_logliks`` for the options) and
+    the M-RoPE offsets under ``"rope_deltas"`` (None for other models).
 
     ``keys`` must tell apart rows that do not share an image (the scorer uses the question id and
     the image object). ``prefix`` is the left-padded encoding of all prompts (``encode_prefixes``);
@@ -134,7 +139,7 @@ def shared_prefix_inputs(host: str, model, processor: Any, prompts: list[str], i
             row_group[r] = gi
     tails = [real[r][lengths[row_group[r]]:] for r in range(len(prompts))]
     width, tail_width = max(lengths), max(len(t) for t in tails)
-    static = _static_cache(model, width + tail_width + max_new_tokens)
+    static = _static_cache(model, width + tail_width + (max_new_tokens or 0))
     if static is None:
         return None
     heads = [g[0] for g in groups]
@@ -149,19 +154,26 @@ def shared_prefix_inputs(host: str, model, processor: Any, prompts: list[str], i
             return None
     out = model(**pre, position_ids=prefix_positions(host, model, pre), use_cache=True, **keep_last_logit_kw(model))
     index = torch.tensor(row_group, device=ids.device)
-    for i, layer in enumerate(cache_of(out).layers):  # every row gets its group's prefix
-        static.update(layer.keys[index], layer.values[index], i)
-    keep_rope_offsets(model, pre, index)
+    cache = cache_of(out)
+    if max_new_tokens is None:
+        cache.batch_select_indices(index)  # every row gets its group's prefix
+    else:
+        for i, layer in enumerate(cache.layers):
+            static.update(layer.keys[index], layer.values[index], i)
+        cache = static
+    deltas = keep_rope_offsets(model, pre, index)
     pad = getattr(getattr(processor, "tokenizer", processor), "pad_token_id", None)
     tail_ids = _left_packed(tails, tail_width, 0 if pad is None else pad)
     tail_mask = _left_packed([torch.ones(len(t), dtype=mask.dtype, device=ids.device) for t in tails], tail_width, 0)
     inputs = {
         "input_ids": torch.cat([pre["input_ids"][index], tail_ids], dim=1),
         "attention_mask": torch.cat([pre["attention_mask"][index], tail_mask], dim=1),
-        cache_kwarg(model): static,
-        # a static cache would switch on torch.compile on CUDA, recompiling for every batch's cache length
-        "disable_compile": True,
+        cache_kwarg(model): cache,
     }
+    if max_new_tokens is None:
+        inputs["rope_deltas"] = deltas
+    else:  # a static cache would switch on torch.compile on CUDA, recompiling for every batch's cache length
+        inputs["disable_compile"] = True
     for key in TOKEN_ALIGNED:  # token types of the own tokens: text (the images are all in the prefix)
         if key != "attention_mask" and key in pre:
             inputs[key] = torch.cat([pre[key][index], torch.full_like(tail_ids, TOKEN_ALIGNED[key])], dim=1)
