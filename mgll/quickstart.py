@@ -9,8 +9,8 @@ Sized to answer its own question: the training set and budget are small (420 ima
 what a CPU trains in two minutes), but the *test* split is 2,000 images, because generating and
 scoring them costs seconds. At that size the paired Δ of the probe's macro AUC has a 95% CI of
 about ±0.005 as measured (0.005 and 0.006 on two machines; it was ±0.035 at 90 test images, wider
-than any difference the two objectives make here), and the MCQ bank holds 30-40 questions of every disease (``MCQ_PER_DISEASE``), so one
-question moves a disease by ~3 points, not 14-50.
+than any difference the two objectives make here), and the MCQ bank holds 30-40 questions of every
+disease (``MCQ_PER_DISEASE``), so one question moves a disease by ~3 points, not 14-50.
 """
 
 from __future__ import annotations

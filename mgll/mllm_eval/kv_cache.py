@@ -11,7 +11,10 @@ import inspect
 
 import torch
 
-__all__ = ["TOKEN_ALIGNED", "base_model", "cache_kwarg", "cache_of", "keep_last_logit_kw", "keep_rope_offsets", "prefix_positions"]
+__all__ = [
+    "TOKEN_ALIGNED", "base_model", "cache_kwarg", "cache_of", "keep_last_logit_kw", "keep_rope_offsets",
+    "positions_and_rope_offsets", "prefix_positions",
+]
 
 # per-token inputs beyond input_ids, and the value an appended text token takes in each
 TOKEN_ALIGNED = {"attention_mask": 1, "token_type_ids": 0, "mm_token_type_ids": 0}
@@ -61,26 +64,29 @@ def prefix_positions(host: str, model, prefix: dict) -> torch.Tensor:
     positions; its own ``get_rope_index`` computes them over each row's unmasked tokens, as
     ``generate`` does. Returns ``(B, n)``, or ``(3, B, n)`` for M-RoPE.
     """
+    return positions_and_rope_offsets(model, prefix)[0]
+
+
+def positions_and_rope_offsets(model, prefix: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`prefix_positions` and, on an M-RoPE model, each row's offset ``(B, 1)`` (else None), from one call.
+
+    Qwen2-VL numbers the text after an image from the image grid's extent, not from the token
+    count: the offset is what a continuation adds to positions counted along the attention mask.
+    """
     mask = prefix["attention_mask"]
     owner = _rope_owner(base_model(model))
     if owner is not None and "image_grid_thw" in prefix:
         kw = {k: prefix[k] for k in ("mm_token_type_ids", "image_grid_thw") if k in prefix}
-        return owner.get_rope_index(prefix["input_ids"], attention_mask=mask, **kw)[0]
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return owner.get_rope_index(prefix["input_ids"], attention_mask=mask, **kw)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0), None
 
 
-def keep_rope_offsets(model, prefix: dict, rows: torch.Tensor) -> torch.Tensor | None:
-    """Leave on an M-RoPE model the offsets of ``prefix``'s rows ``rows``, for a ``generate`` that continues its cache.
+def keep_rope_offsets(model, offsets: torch.Tensor | None) -> None:
+    """Leave ``offsets`` (one per row, from :func:`positions_and_rope_offsets`) on an M-RoPE model.
 
-    Qwen2-VL numbers the text after an image from the image grid's extent, not from the token
-    count; ``generate`` continuing a given cache adds the offset the model kept from its last
-    prompt (``rope_deltas``) to positions counted along the attention mask. A prefix run with
-    explicit positions keeps none, so it is set here, one row per continued row. No-op for
-    other models. Returns the offsets set, ``(len(rows), 1)``, or None.
+    ``generate`` continuing a given cache adds the offset the model kept from its last prompt
+    (``rope_deltas``) to positions counted along the attention mask; a prefix run with explicit
+    positions keeps none, so the caller sets them for the rows it continues. No-op without offsets.
     """
-    owner = _rope_owner(base_model(model))
-    if owner is None or "image_grid_thw" not in prefix:
-        return None
-    kw = {k: prefix[k] for k in ("mm_token_type_ids", "image_grid_thw") if k in prefix}
-    owner.rope_deltas = owner.get_rope_index(prefix["input_ids"], attention_mask=prefix["attention_mask"], **kw)[1][rows]
-    return owner.rope_deltas
+    if offsets is not None:
+        _rope_owner(base_model(model)).rope_deltas = offsets

@@ -235,7 +235,7 @@ def shared_option_logliks(host: str, model, shared: dict, option_ids: list[list[
     cache = shared[cache_kwarg(model)]
     width = int(cache.get_seq_length())
     mask = shared["attention_mask"]
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, width:]
+    pos = prefix_positions(host, model, {"attention_mask": mask})[:, width:]  # along the mask: the gap is skipped
     if shared.get("rope_deltas") is not None:  # text after the image: the same position on all three M-RoPE axes
         pos = (pos + shared["rope_deltas"]).unsqueeze(0).expand(3, -1, -1)
     out = model(input_ids=shared["input_ids"][:, width:], attention_mask=mask, position_ids=pos, use_cache=True,

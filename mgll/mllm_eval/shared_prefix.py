@@ -19,9 +19,9 @@ How, for one batch of prompts (``keys`` says which rows belong to one question):
    ``scoring.shared_option_logliks`` does the same before it scores the options).
 
 For ``generate`` the continued cache is a static (preallocated) one: a dynamic cache grows by
-concatenation, which copies every row's whole cache at every decode step. Qwen2-VL's M-RoPE offsets, which the model
-keeps between calls for a continued cache, are set for the continued rows
-(:func:`~mgll.mllm_eval.kv_cache.keep_rope_offsets`).
+concatenation, which copies every row's whole cache at every decode step. Qwen2-VL's M-RoPE
+offsets, which the model keeps between calls for a continued cache, are set for the continued
+rows (:func:`~mgll.mllm_eval.kv_cache.keep_rope_offsets`).
 
 The answers equal the unbatched ones (``tests/test_mcq_batching.py``). Hosts whose image features
 depend on the text after them (InstructBLIP's Q-Former reads the options) or that run their own
@@ -46,7 +46,7 @@ from mgll.mllm_eval.kv_cache import (
     cache_of,
     keep_last_logit_kw,
     keep_rope_offsets,
-    prefix_positions,
+    positions_and_rope_offsets,
 )
 
 __all__ = ["common_prefix_length", "group_rows", "shared_prefix_inputs"]
@@ -88,30 +88,38 @@ def _left_packed(rows: list[torch.Tensor], width: int, fill: int) -> torch.Tenso
     return out
 
 
+def _keeps_whole_prefix(model) -> bool:
+    """False for an LM with sliding-window or chunked layers: their cache keeps only part of a long prefix."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types = get_layer_types_and_kwargs(base_model(model).config.get_text_config(decoder=True))[0]
+    return all(t in ("full_attention", "dummy") for t in types)
+
+
 def _static_cache(model, max_len: int):
-    """A preallocated (static) cache of ``max_len`` positions for the LM, or None where one would not hold the prefix.
+    """A preallocated (static) cache of ``max_len`` positions for ``generate``, or None where it takes none.
 
     A dynamic cache grows by concatenation: every decode step copies every row's whole cache (on a
     CPU that was 46 % of a batch of 8 continuing a 592-token prefix); a static one is written in
-    place. None for a sliding-window layer (it keeps only its window of the prefix) and when the
-    model's generation config names its own cache (``generate`` refuses a second one).
+    place. None when the model's generation config names its own cache (``generate`` refuses a
+    second one).
     """
     from transformers import StaticCache
 
     if getattr(getattr(base_model(model), "generation_config", None), "cache_implementation", None) is not None:
         return None
-    static = StaticCache(config=base_model(model).config, max_cache_len=max_len)
-    return None if any(getattr(layer, "is_sliding", False) for layer in static.layers) else static
+    return StaticCache(config=base_model(model).config, max_cache_len=max_len)
 
 
 @torch.inference_mode()
 def shared_prefix_inputs(host: str, model, processor: Any, prompts: list[str], images: list[Image.Image],
                          keys: list[Hashable], prefix: dict, device, dtype, max_new_tokens: int | None) -> dict | None:
-    """``generate`` inputs for ``prompts`` whose groups (equal ``keys``) run their common prefix once, or None.
+    """Inputs continuing ``prompts`` whose groups (equal ``keys``) ran their common prefix once, or None.
 
-    ``max_new_tokens`` sizes the static cache ``generate`` continues; None gives instead a dynamic
-    cache (one row per prompt, regathered by ``scoring.shared_option_logliks`` for the options) and
-    the M-RoPE offsets under ``"rope_deltas"`` (None for other models).
+    ``max_new_tokens`` sizes the static cache ``generate`` continues; None (``loglik``) gives
+    instead a dynamic cache, one row per prompt, that ``scoring.shared_option_logliks`` continues
+    and regathers for the options, and the M-RoPE offsets under ``"rope_deltas"`` (None for other
+    models).
 
     ``keys`` must tell apart rows that do not share an image (the scorer uses the question id and
     the image object). ``prefix`` is the left-padded encoding of all prompts (``encode_prefixes``);
@@ -119,13 +127,14 @@ def shared_prefix_inputs(host: str, model, processor: Any, prompts: list[str], i
     columns, then each row's own tokens) and the KV cache of the prefix columns under the model's
     cache argument. None, before any forward, when the host opts out, no group has two rows, the
     model names no image token, a group's prefix does not hold every image token of its rows (or
-    holds none), or no static cache fits the LM (:func:`_static_cache`).
+    holds none), the LM's cache keeps only part of a prefix, or ``generate`` takes no static cache
+    (:func:`_static_cache`).
     """
     groups = group_rows(keys)
     if not get_host(host).shares_prompt_prefix or all(len(g) == 1 for g in groups):
         return None
     image_id = _image_token_id(model)
-    if image_id is None:
+    if image_id is None or not _keeps_whole_prefix(model):
         return None
     ids, mask = prefix["input_ids"], prefix["attention_mask"]
     real = [ids[r][mask[r].bool()] for r in range(ids.shape[0])]
@@ -139,8 +148,8 @@ def shared_prefix_inputs(host: str, model, processor: Any, prompts: list[str], i
             row_group[r] = gi
     tails = [real[r][lengths[row_group[r]]:] for r in range(len(prompts))]
     width, tail_width = max(lengths), max(len(t) for t in tails)
-    static = _static_cache(model, width + tail_width + (max_new_tokens or 0))
-    if static is None:
+    static = None if max_new_tokens is None else _static_cache(model, width + tail_width + max_new_tokens)
+    if max_new_tokens is not None and static is None:
         return None
     heads = [g[0] for g in groups]
     rep = encode_prefixes(processor, [prompts[r] for r in heads], [images[r] for r in heads], device, dtype)
@@ -152,16 +161,18 @@ def shared_prefix_inputs(host: str, model, processor: Any, prompts: list[str], i
     for i, n in enumerate(lengths):  # the processor's tokens for a group's first row are that row's tokens
         if not torch.equal(pre["input_ids"][i, width - n:], real[heads[i]][:n]):
             return None
-    out = model(**pre, position_ids=prefix_positions(host, model, pre), use_cache=True, **keep_last_logit_kw(model))
+    positions, offsets = positions_and_rope_offsets(model, pre)
+    out = model(**pre, position_ids=positions, use_cache=True, **keep_last_logit_kw(model))
     index = torch.tensor(row_group, device=ids.device)
     cache = cache_of(out)
-    if max_new_tokens is None:
+    if static is None:
         cache.batch_select_indices(index)  # every row gets its group's prefix
     else:
         for i, layer in enumerate(cache.layers):
             static.update(layer.keys[index], layer.values[index], i)
         cache = static
-    deltas = keep_rope_offsets(model, pre, index)
+    deltas = None if offsets is None else offsets[index]
+    keep_rope_offsets(model, deltas)
     pad = getattr(getattr(processor, "tokenizer", processor), "pad_token_id", None)
     tail_ids = _left_packed(tails, tail_width, 0 if pad is None else pad)
     tail_mask = _left_packed([torch.ones(len(t), dtype=mask.dtype, device=ids.device) for t in tails], tail_width, 0)
